@@ -1,0 +1,1 @@
+"""Integrations with other libraries (timm models, the CUB experiment); see the timm issue."""

@@ -1,0 +1,7 @@
+"""stn-triton: fused Triton kernels for Spatial Transformer Networks (Jaderberg et al., 2015)."""
+
+from ._backend import backend
+from .functional import affine_sample, basis_sample, grid_sample, projective_sample
+
+__all__ = ["affine_sample", "backend", "basis_sample", "grid_sample", "projective_sample"]
+__version__ = "0.1.0"

@@ -1,0 +1,121 @@
+"""Device helpers shared by every kernel form: from a normalised coordinate to input pixels.
+
+The coordinate of one output pixel goes through three steps, each exactly as PyTorch's
+``grid_sample`` (aten/src/ATen/native/cuda/GridSampler.cuh) does it:
+
+.. math::
+
+    i_x = a_x g_x + b_x, \\qquad
+    a_x = \\begin{cases} (W-1)/2 & \\text{align\\_corners} \\\\ W/2 & \\text{otherwise} \\end{cases},
+    \\quad b_x = (W-1)/2
+
+    i_x \\leftarrow \\mathrm{pad}(i_x), \\qquad
+    \\frac{\\partial i_x}{\\partial g_x} = a_x \\, \\mathrm{pad}'(i_x)
+
+``pad`` is the identity for ``zeros``, a clip to ``[0, W-1]`` for ``border``, and a reflection about
+the borders (about pixel centres with align_corners, about the image edges without) followed by the
+clip for ``reflection``. The derivative conventions at the clip edges are PyTorch's
+(``clip_coordinates_set_grad``: 0 at and beyond the edge).
+
+Non-finite coordinates: ``border`` and ``reflection`` send NaN to pixel 0 (CUDA's ``fmaxf`` semantics)
+and +inf to the far border; a coordinate that is still non-finite, or beyond +-2^30, becomes -100
+(PyTorch's ``safe_downgrade_to_int_range``), so it reads nothing and writes nothing. Its derivative
+is 0.
+"""
+
+import triton
+import triton.language as tl
+
+# Padding modes and sampling modes, as the kernels' constexpr codes.
+PAD_ZEROS, PAD_BORDER, PAD_REFLECTION = 0, 1, 2
+MODE_BILINEAR, MODE_NEAREST = 0, 1
+PADDING_CODES = {"zeros": PAD_ZEROS, "border": PAD_BORDER, "reflection": PAD_REFLECTION}
+MODE_CODES = {"bilinear": MODE_BILINEAR, "nearest": MODE_NEAREST}
+
+
+@triton.jit
+def clip_with_grad(i, size):
+    """Clip ``i`` to ``[0, size-1]``; derivative 1 strictly inside, 0 elsewhere (and for NaN)."""
+    hi = size - 1.0
+    d_clip = tl.where((i > 0.0) & (i < hi), 1.0, 0.0)
+    i = tl.where(i != i, 0.0, i)
+    i = tl.minimum(tl.maximum(i, 0.0), hi)
+    return i, d_clip
+
+
+@triton.jit
+def reflect_with_grad(i, size, ALIGN: tl.constexpr):
+    """Reflect ``i`` into the image (PyTorch's ``reflect_coordinates_set_grad``), then clip."""
+    if ALIGN:
+        lo = 0.0
+        span = size - 1.0  # (twice_high - twice_low) / 2 with twice_low=0, twice_high=2(W-1)
+    else:
+        lo = -0.5
+        span = size * 1.0  # twice_low=-1, twice_high=2W-1
+    t = i - lo
+    sign = tl.where(t < 0.0, -1.0, 1.0)
+    t = tl.abs(t)
+    safe_span = tl.maximum(span, 1.0)
+    extra = t % safe_span
+    flips = tl.floor(t / safe_span)
+    even = (flips - 2.0 * tl.floor(flips * 0.5)) == 0.0
+    r = tl.where(even, extra + lo, safe_span - extra + lo)
+    d_ref = tl.where(even, sign, -sign)
+    # A one-pixel axis with align_corners has nowhere to reflect to: PyTorch returns 0, derivative 0.
+    r = tl.where(span > 0.0, r, 0.0)
+    d_ref = tl.where(span > 0.0, d_ref, 0.0)
+    r, d_clip = clip_with_grad(r, size)
+    return r, d_ref * d_clip
+
+
+@triton.jit
+def source_index(g, a, b, size, PAD: tl.constexpr, ALIGN: tl.constexpr):
+    """Normalised coordinate ``g`` -> input pixel coordinate and ``d index / d g`` (fp32)."""
+    i = g * a + b
+    if PAD == 1:
+        i, d = clip_with_grad(i, size)
+    elif PAD == 2:
+        i, d = reflect_with_grad(i, size, ALIGN)
+    else:
+        d = tl.full(i.shape, 1.0, tl.float32)
+    valid = (i == i) & (tl.abs(i) < 1073741824.0)
+    i = tl.where(valid, i, -100.0)
+    d = tl.where(valid, d * a, 0.0)
+    return i, d
+
+
+@triton.jit
+def round_half_even(v):
+    """``nearbyint`` under the default rounding mode: halves go to the even neighbour."""
+    f = tl.floor(v)
+    frac = v - f
+    r = tl.where(frac > 0.5, f + 1.0, f)
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return tl.where((frac == 0.5) & odd, f + 1.0, r)
+
+
+@triton.jit
+def bilinear_corners(ix, iy, W, H):
+    """The four bilinear neighbours of (ix, iy): integer corners, weights, in-bounds masks.
+
+    .. math::
+
+        x_0 = \\lfloor i_x \\rfloor,\\; x_1 = x_0 + 1,\\qquad
+        w_{nw} = (x_1 - i_x)(y_1 - i_y),\\; w_{ne} = (i_x - x_0)(y_1 - i_y),\\;
+        w_{sw} = (x_1 - i_x)(i_y - y_0),\\; w_{se} = (i_x - x_0)(i_y - y_0)
+    """
+    fx0 = tl.floor(ix)
+    fy0 = tl.floor(iy)
+    tx = ix - fx0  # i_x - x_0
+    ty = iy - fy0  # i_y - y_0
+    sx = 1.0 - tx  # x_1 - i_x
+    sy = 1.0 - ty  # y_1 - i_y
+    x0 = fx0.to(tl.int64)
+    y0 = fy0.to(tl.int64)
+    x1 = x0 + 1
+    y1 = y0 + 1
+    in_x0 = (x0 >= 0) & (x0 < W)
+    in_x1 = (x1 >= 0) & (x1 < W)
+    in_y0 = (y0 >= 0) & (y0 < H)
+    in_y1 = (y1 >= 0) & (y1 < H)
+    return x0, y0, tx, ty, sx, sy, in_x0, in_x1, in_y0, in_y1

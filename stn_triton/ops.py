@@ -1,0 +1,179 @@
+"""The one place that talks to ``torch.library``: the custom ops, their fake (meta) implementations,
+autograd and autocast.
+
+Ops (namespace ``stn_triton``), one per kernel form, all with K explicit (params ``(N, K, ...)``,
+output ``(N, K, C, Ho, Wo)``):
+
+=====================  ===========================================  =========================
+op                     parameters                                   gradients
+=====================  ===========================================  =========================
+``affine_sample``      ``theta (N, K, 2, 3)``                       x, theta
+``projective_sample``  ``h (N, K, 3, 3)``                           x, h
+``basis_sample``       ``m (N, K, 2, D)``, ``basis (D, Ho*Wo)``     x, m, basis
+``grid_sample``        ``grid (N, K, Ho, Wo, 2)``                   x, grid
+=====================  ===========================================  =========================
+
+Each has a ``<name>_backward`` op returning one gradient per tensor input (an empty tensor for one
+not asked for), so that ``torch.compile`` traces forward and backward through the fake
+implementations. Validation is the public functions' job (:mod:`stn_triton.functional`).
+"""
+
+import torch
+
+from . import reference
+from ._backend import backend
+from .kernels import sampler
+
+_LIB = torch.library.Library("stn_triton", "FRAGMENT")  # autocast registrations live here
+_TAIL = "SymInt[] size, str mode, str padding_mode, bool align_corners"
+_FORMS = {  # form -> names of its parameter tensors
+    "affine": ("theta",),
+    "projective": ("h",),
+    "basis": ("m", "basis"),
+    "grid": ("grid",),
+}
+
+
+def _num_k(form, params):
+    return params[0].shape[1]
+
+
+def _kernel_params(form, params):
+    """(prm float32 (N*K, R) contiguous, aux, D, R) as the kernels take them."""
+    p0 = params[0]
+    if form == "grid":
+        return p0.new_zeros(1, dtype=torch.float32), p0, 0, 0
+    NK = p0.shape[0] * p0.shape[1]
+    prm = p0.reshape(NK, p0.shape[2:].numel()).to(torch.float32).contiguous()
+    if form == "basis":
+        D = p0.shape[-1]
+        return prm, params[1].to(torch.float32).contiguous(), D, 2 * D
+    return prm, prm, 0, prm.shape[1]
+
+
+def _forward(form, x, params, size, mode, padding_mode, align_corners):
+    size = [int(s) for s in size]
+    if backend(x) == "reference":
+        with torch.no_grad():
+            return reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
+    prm, aux, D, _ = _kernel_params(form, params)
+    return sampler.sample_forward(form, x, prm, aux, _num_k(form, params), size[0], size[1], D,
+                                  mode, padding_mode, align_corners)
+
+
+def _backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
+    size = [int(s) for s in size]
+    needs = list(needs) + [False] * (1 + len(params) - len(needs))
+    if backend(x) == "reference":
+        grads = _reference_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs)
+    else:
+        grads = _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs)
+    return tuple(g if need else t.new_empty(0) for g, t, need in zip(grads, (x, *params), needs))
+
+
+def _reference_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_(need) for t, need in zip((x, *params), needs)]
+        out = reference.form_sample(form, inputs[0], inputs[1:], size, mode, padding_mode, align_corners)
+        wanted = [t for t in inputs if t.requires_grad]
+        got = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ())
+    grads = []
+    for i, (t, need) in enumerate(zip(inputs, needs)):
+        g = next(got) if need else None
+        if need:
+            g = torch.zeros_like(t) if g is None else g
+            # the layouts the kernel path returns and the fake implementation promises
+            g = torch.empty_like(t).copy_(g) if i == 0 else g.contiguous()
+        grads.append(g)
+    return grads
+
+
+def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
+    Ho, Wo = size
+    N, K = x.shape[0], _num_k(form, params)
+    prm, aux, D, R = _kernel_params(form, params)
+    need_x, need_p0 = needs[0], needs[1]
+    need_basis = form == "basis" and needs[2]
+    grad_x, grad_prm, gg = sampler.sample_backward(
+        form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_mode, align_corners,
+        need_x=need_x, need_param=need_p0 and form != "grid", need_gg=(form == "grid" and need_p0) or need_basis,
+    )
+    p0 = params[0]
+    if form == "grid":
+        g0 = gg.reshape(p0.shape).to(p0.dtype) if need_p0 else None
+    else:
+        g0 = grad_prm.reshape(p0.shape).to(p0.dtype) if need_p0 else None
+    grads = [grad_x, g0]
+    if form == "basis":
+        grads.append(sampler.basis_grad(prm, gg, D, Ho * Wo).to(params[1].dtype) if need_basis else None)
+    return grads
+
+
+def _fake_forward(form, x, params, size, mode, padding_mode, align_corners):
+    return sampler.new_output(x, _num_k(form, params), size[0], size[1])
+
+
+def _fake_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
+    needs = list(needs) + [False] * (1 + len(params) - len(needs))
+    out = [torch.empty_like(x) if needs[0] else x.new_empty(0)]
+    for t, need in zip(params, needs[1:]):
+        out.append(t.new_empty(t.shape) if need else t.new_empty(0))
+    return tuple(out)
+
+
+def _define(form, names):
+    n = len(names)
+    tensors = ", ".join(f"Tensor {name}" for name in names)
+    fwd_schema = f"(Tensor x, {tensors}, {_TAIL}) -> Tensor"
+    bwd_schema = f"(Tensor grad_out, Tensor x, {tensors}, {_TAIL}, bool[] needs) -> ({', '.join(['Tensor'] * (n + 1))})"
+
+    def fwd(x, *args):
+        return _forward(form, x, args[:n], *args[n:])
+
+    def bwd(grad_out, x, *args):
+        return _backward(form, grad_out, x, args[:n], *args[n:])
+
+    fwd_op = torch.library.custom_op(f"stn_triton::{form}_sample", fwd, mutates_args=(), schema=fwd_schema)
+    bwd_op = torch.library.custom_op(f"stn_triton::{form}_sample_backward", bwd, mutates_args=(), schema=bwd_schema)
+    fwd_op.register_fake(lambda x, *args: _fake_forward(form, x, args[:n], *args[n:]))
+    bwd_op.register_fake(lambda g, x, *args: _fake_backward(form, g, x, args[:n], *args[n:]))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[: n + 1])
+        ctx.tail = inputs[n + 1:]
+
+    def backward(ctx, grad):
+        needs = list(ctx.needs_input_grad[: n + 1])
+        grads = bwd_op(grad, *ctx.saved_tensors, *ctx.tail, needs)
+        return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * len(ctx.tail)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+    for device_type in ("cuda", "cpu"):
+        _register_autocast(f"{form}_sample", fwd_op, n, device_type)
+    return fwd_op, bwd_op
+
+
+def _register_autocast(name, op, n, device_type):
+    """Under autocast the input map is sampled in the autocast dtype (half the bytes moved; the
+    kernels accumulate in float32 anyway) while the transform parameters stay in float32."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+    def cast(t, dtype):
+        eligible = t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
+        return t.to(dtype) if eligible else t
+
+    def kernel(_keyset, x, *args):
+        x = cast(x, torch.get_autocast_dtype(device_type))
+        params = [cast(t, torch.float32) for t in args[:n]]
+        with torch._C._ExcludeDispatchKeyGuard(exclude):
+            return op(x, *params, *args[n:])
+
+    _LIB.impl(name, kernel, key, with_keyset=True)
+
+
+OPS = {form: _define(form, names) for form, names in _FORMS.items()}
+affine_sample, affine_sample_backward = OPS["affine"]
+projective_sample, projective_sample_backward = OPS["projective"]
+basis_sample, basis_sample_backward = OPS["basis"]
+grid_sample, grid_sample_backward = OPS["grid"]

@@ -1,0 +1,278 @@
+"""Non-finite coordinates, empty batches, gradcheck, opcheck, torch.compile, determinism, autocast,
+bad input, and the >2^31-element case (GPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stn_triton as st
+from stn_triton import ops
+from _cases import FORMS, MODES, PADDINGS, assert_close, make_params, oracle, run
+
+
+def _nonfinite_params(form, device):
+    """Parameters of a form where some (n, k) contain NaN, +inf or -inf."""
+    gen = torch.Generator().manual_seed(7)
+    params = make_params(form, 2, 3, (5, 6), False, torch.float32, device, gen)
+    p0 = params[0].clone()
+    if form == "grid":
+        p0[0, 0, 1, 2, 0] = float("nan")
+        p0[0, 1, 2, :, 1] = float("inf")
+        p0[1, 0, :, 3, 0] = -float("inf")
+        p0[1, 2, 4, 5, :] = float("nan")
+    else:
+        p0[0, 0, 0, 0] = float("nan")
+        p0[0, 1, 1, 2] = float("inf")
+        p0[1, 0, 0, 1] = -float("inf")
+    return (p0, *params[1:])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("padding_mode", PADDINGS)
+@pytest.mark.parametrize("form", FORMS)
+def test_nonfinite_parameters(device, form, padding_mode, mode):
+    """NaN/inf never read or write out of bounds; the output is PyTorch's (CUDA's): zeros padding
+    gives 0, border and reflection clamp, as stn_triton.reference documents."""
+    x = torch.randn(2, 3, 7, 8, device=device, requires_grad=True)
+    params = [p.requires_grad_() for p in _nonfinite_params(form, device)]
+    opts = dict(mode=mode, padding_mode=padding_mode, align_corners=False)
+    out = run(form, x, params, (5, 6), **opts)
+    ref, x64, p64 = oracle(form, x, params, (5, 6), **opts)
+    assert_close(out, ref, torch.float32, "output")
+    assert torch.isfinite(out).all()
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, *params), grad_out)
+    want = torch.autograd.grad(ref, (x64, *p64), grad_out.double().cpu())
+    assert_close(got[0], want[0], torch.float32, "grad x")
+    for g, w in zip(got[1:], want[1:]):
+        assert_close(g, w, torch.float32, "grad params", scale_by_max=True, equal_nan=True)
+
+
+def test_zeros_padding_nan_gives_zero(device):
+    x = torch.randn(1, 2, 4, 5, device=device)
+    theta = torch.full((1, 2, 3), float("nan"), device=device)
+    assert (st.affine_sample(x, theta) == 0).all()
+    grid = torch.zeros(1, 3, 3, 2, device=device)
+    grid[0, 1, 1, 0] = float("nan")
+    out = st.grid_sample(x, grid)
+    assert out[0, :, 1, 1].eq(0).all() and out[0, :, 0, 0].ne(0).all()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_empty_batch(device, form):
+    x = torch.randn(0, 3, 6, 7, device=device, requires_grad=True)
+    params = [p.requires_grad_() for p in make_params(form, 0, 2, (4, 5), False, torch.float32, device,
+                                                       torch.Generator().manual_seed(0))]
+    out = run(form, x, params, (4, 5))
+    assert out.shape == (0, 2, 3, 4, 5)
+    grads = torch.autograd.grad(out.sum(), (x, *params))
+    for g, t in zip(grads, (x, *params)):
+        assert g.shape == t.shape
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_gradcheck_float64(form):
+    """float64 takes the reference path on every device: gradcheck through the public functions."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = [p.double().requires_grad_() for p in make_params(form, 1, 2, (3, 4), False, torch.float32, "cpu", gen)]
+    assert st.backend(x) == "reference"
+    for padding_mode in PADDINGS:
+        fn = lambda x, *p: run(form, x, p, (3, 4), padding_mode=padding_mode)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+def _op_args(form, device):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 6, 7, generator=gen).to(device).requires_grad_()
+    params = [p.requires_grad_() for p in make_params(form, 2, 2, (4, 5), False, torch.float32, device, gen)]
+    return x, params
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_opcheck(device, form):
+    fwd, bwd = ops.OPS[form]
+    x, params = _op_args(form, device)
+    for mode, padding_mode, ac in (("bilinear", "zeros", False), ("nearest", "reflection", True)):
+        torch.library.opcheck(fwd, (x, *params, [4, 5], mode, padding_mode, ac))
+        grad = torch.randn(2, 2, 3, 4, 5, device=device)
+        needs = [True] * (1 + len(params))
+        torch.library.opcheck(bwd, (grad, x.detach(), *[p.detach() for p in params], [4, 5], mode, padding_mode, ac, needs),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph(device):
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loc = torch.nn.Linear(3 * 8 * 9, 6)
+            torch.nn.init.zeros_(self.loc.weight)
+            with torch.no_grad():
+                self.loc.bias.copy_(torch.tensor([0.9, 0.1, 0.05, -0.1, 1.1, 0.0]))
+
+        def forward(self, x):
+            theta = self.loc(x.flatten(1)).view(-1, 2, 3)
+            return st.affine_sample(x, theta, (5, 6)).square().mean()
+
+    torch._dynamo.reset()
+    net = Net().to(device)
+    x = torch.randn(2, 3, 8, 9, device=device, requires_grad=True)
+    compiled = torch.compile(net, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    loss = compiled(x)
+    gx, gw = torch.autograd.grad(loss, (x, net.loc.bias))
+    loss_e = net(x)
+    gx_e, gw_e = torch.autograd.grad(loss_e, (x, net.loc.bias))
+    torch.testing.assert_close(loss, loss_e)
+    torch.testing.assert_close(gx, gx_e)
+    torch.testing.assert_close(gw, gw_e)
+
+
+@pytest.fixture
+def deterministic():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", FORMS)
+def test_deterministic_backward(device, deterministic, form, mode):
+    """Bit-identical gradients on repeated runs under deterministic mode (zoom-in: ~100 writes per
+    input pixel), and the sorted-gather path agrees with the reference."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 6, 7, generator=gen).to(device).requires_grad_()
+    params = [p.requires_grad_() for p in make_params(form, 2, 2, (32, 36), False, torch.float32, device, gen, 0.1)]
+    grad_out = torch.randn(2, 2, 3, 32, 36, generator=gen).to(device)
+
+    def grads():
+        return torch.autograd.grad(run(form, x, params, (32, 36), mode=mode), (x, *params), grad_out)
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    ref, x64, p64 = oracle(form, x, params, (32, 36), mode, "zeros", False)
+    want = torch.autograd.grad(ref, (x64, *p64), grad_out.double().cpu())
+    assert_close(first[0], want[0], torch.float32, "grad x")
+    for g, w in zip(first[1:], want[1:]):
+        assert_close(g, w, torch.float32, "grad params", scale_by_max=True)
+
+
+def test_deterministic_channels_last_bf16(device, deterministic):
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 4, 5, 6, generator=gen).to(device, torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    (theta,) = make_params("affine", 1, 1, (11, 13), True, torch.float32, device, gen, 0.3)
+    out = st.affine_sample(x, theta[:, 0], (11, 13), align_corners=True, padding_mode="border")
+    grad_out = torch.randn(out.shape, generator=gen).to(device, torch.bfloat16)
+    (gx,) = torch.autograd.grad(out, x, grad_out)
+    assert gx.dtype == torch.bfloat16 and gx.is_contiguous(memory_format=torch.channels_last)
+    ref, x64, p64 = oracle("affine", x, (theta,), (11, 13), "bilinear", "border", True)
+    (want,) = torch.autograd.grad(ref, x64, grad_out.double().cpu()[:, None])
+    assert_close(gx, want, torch.bfloat16, "grad x")
+
+
+def test_input_grad_skipped_when_not_required(device, monkeypatch):
+    from stn_triton.kernels import sampler
+
+    seen = {}
+    real = sampler.sample_backward
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampler, "sample_backward", spy)
+    x = torch.randn(1, 2, 5, 6, device=device)
+    theta = torch.eye(2, 3, device=device)[None].requires_grad_()
+    (g,) = torch.autograd.grad(st.affine_sample(x, theta).sum(), theta)
+    assert seen["need_x"] is False and seen["need_param"] is True
+    assert torch.isfinite(g).all()
+
+
+def test_autocast_samples_in_low_precision_keeps_theta_fp32(device):
+    x = torch.randn(2, 3, 6, 7, device=device)
+    theta = (torch.eye(2, 3, device=device) * 0.9)[None].repeat(2, 1, 1).requires_grad_()
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out = st.affine_sample(x, theta, (4, 5))
+    assert out.dtype == torch.bfloat16
+    (g,) = torch.autograd.grad(out.float().sum(), theta)
+    assert g.dtype == torch.float32
+    ref, _, _ = oracle("affine", x.to(torch.bfloat16), (theta.detach()[:, None],), (4, 5), "bilinear", "zeros", False)
+    assert_close(out, ref[:, 0], torch.bfloat16, "autocast output")
+
+
+def test_backend_selection(device, monkeypatch):
+    x = torch.randn(1, 1, 2, 2, device=device)
+    assert st.backend(x) == ("triton" if device == "cuda" else "interpreter")
+    assert st.backend(x.double()) == "reference"
+    monkeypatch.setenv("STN_TRITON_FORCE_REFERENCE", "1")
+    assert st.backend(x) == "reference"
+    theta = torch.eye(2, 3, device=device)[None]
+    torch.testing.assert_close(st.affine_sample(x, theta), x)
+
+
+# ----- bad input ------------------------------------------------------------------------------------
+
+X = torch.randn(2, 3, 5, 6)
+THETA = torch.eye(2, 3).expand(2, 2, 3)
+BAD = [
+    ("x not 4-D", lambda: st.affine_sample(X[0], THETA), ValueError, r"x: expected a 4-D input"),
+    ("x integer", lambda: st.affine_sample(X.long(), THETA), TypeError, r"x: expected a floating-point"),
+    ("x bool", lambda: st.grid_sample(X > 0, torch.zeros(2, 3, 3, 2)), TypeError, r"x: expected a floating-point"),
+    ("x not a tensor", lambda: st.affine_sample(X.numpy(), THETA), TypeError, r"x: expected a torch.Tensor"),
+    ("theta shape", lambda: st.affine_sample(X, torch.zeros(2, 3, 3)), ValueError, r"theta: expected .*\(N, 2, 3\)"),
+    ("theta batch", lambda: st.affine_sample(X, THETA[:1]), ValueError, r"theta: batch size 1 does not match .* 2"),
+    ("theta integer", lambda: st.affine_sample(X, THETA.int()), TypeError, r"theta: expected a floating-point"),
+    ("h shape", lambda: st.projective_sample(X, THETA), ValueError, r"h: expected homographies of shape \(N, 3, 3\)"),
+    ("basis columns", lambda: st.basis_sample(X, torch.zeros(2, 2, 4), torch.zeros(4, 10), (3, 4)), ValueError,
+     r"basis: expected shape \(D, Ho\*Wo\) = \(D, 12\)"),
+    ("m vs basis", lambda: st.basis_sample(X, torch.zeros(2, 2, 5), torch.zeros(4, 12), (3, 4)), ValueError,
+     r"m: expected coefficient matrices for D=4 of shape \(N, 2, 4\)"),
+    ("basis no size", lambda: st.basis_sample(X, torch.zeros(2, 2, 4), torch.zeros(4, 12), None), ValueError,
+     r"size: basis_sample needs the output size"),
+    ("basis integer", lambda: st.basis_sample(X, torch.zeros(2, 2, 4), torch.zeros(4, 12, dtype=torch.int32), (3, 4)),
+     TypeError, r"basis: expected a floating-point"),
+    ("grid shape", lambda: st.grid_sample(X, torch.zeros(2, 3, 3)), ValueError, r"grid: expected shape \(N, Ho, Wo, 2\)"),
+    ("grid batch", lambda: st.grid_sample(X, torch.zeros(3, 3, 3, 2)), ValueError, r"grid: batch size 3"),
+    ("grid empty size", lambda: st.grid_sample(X, torch.zeros(2, 0, 3, 2)), ValueError, r"grid: expected positive"),
+    ("size zero", lambda: st.affine_sample(X, THETA, (0, 4)), ValueError, r"size: expected positive"),
+    ("size negative", lambda: st.affine_sample(X, THETA, -3), ValueError, r"size: expected positive"),
+    ("size triple", lambda: st.affine_sample(X, THETA, (2, 3, 4)), ValueError, r"size: expected the output size"),
+    ("mode", lambda: st.affine_sample(X, THETA, mode="bicubic"), ValueError, r"mode: expected one of"),
+    ("padding", lambda: st.affine_sample(X, THETA, padding_mode="wrap"), ValueError, r"padding_mode: expected one of"),
+    ("align_corners", lambda: st.affine_sample(X, THETA, align_corners=None), TypeError, r"align_corners: expected a bool"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_devices_must_match():
+    if not torch.cuda.is_available():
+        theta = torch.eye(2, 3, device="meta").expand(2, 2, 3)
+    else:
+        theta = THETA.cuda()
+    with pytest.raises(ValueError, match=r"theta: expected a tensor on cpu"):
+        st.affine_sample(X, theta)
+
+
+@pytest.mark.gpu
+def test_more_than_2_31_elements():
+    """64-bit offsets: an input of 2^31 + elements; sample its far corners."""
+    H, W = 46341, 46341  # H*W > 2^31
+    x = torch.empty(1, 1, H, W, device="cuda", dtype=torch.float16)
+    x[..., :8, :8] = 1.0
+    x[..., -8:, -8:] = 2.0
+    x[..., :8, -8:] = 3.0
+    theta = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]], device="cuda").requires_grad_()
+    grid = F.affine_grid(theta.detach(), (1, 1, 9, 9), align_corners=True)
+    want = F.grid_sample(x, grid.half(), align_corners=True)
+    got = st.affine_sample(x, theta, (9, 9), align_corners=True)
+    torch.testing.assert_close(got, want)
+    assert got[0, 0, -1, -1] == 2.0 and got[0, 0, 0, -1] == 3.0
+    xg = x.requires_grad_()
+    (gx,) = torch.autograd.grad(st.affine_sample(xg, theta.detach(), (9, 9), align_corners=True).sum(), xg)
+    assert gx[0, 0, -1, -1] == 1.0

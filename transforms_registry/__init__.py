@@ -1,0 +1,2 @@
+"""Transformation families as data the kernels understand (pure PyTorch; the plugin registry lands
+with the registry issue)."""
