@@ -55,7 +55,8 @@ def _forward(form, x, params, size, mode, padding_mode, align_corners):
     size = [int(s) for s in size]
     if backend(x) == "reference":
         with torch.no_grad():
-            return reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
+            ref = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
+        return sampler.new_output(x, ref.shape[1], *size).copy_(ref)  # the layout the fake promises
     prm, aux, D, _ = _kernel_params(form, params)
     return sampler.sample_forward(form, x, prm, aux, _num_k(form, params), size[0], size[1], D,
                                   mode, padding_mode, align_corners)
@@ -72,19 +73,15 @@ def _backward(form, grad_out, x, params, size, mode, padding_mode, align_corners
 
 
 def _reference_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(need) for t, need in zip((x, *params), needs)]
-        out = reference.form_sample(form, inputs[0], inputs[1:], size, mode, padding_mode, align_corners)
-        wanted = [t for t in inputs if t.requires_grad]
-        got = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True) if wanted else ())
+    # torch.func.vjp, not torch.autograd.grad: inside a custom op the autograd keys are excluded
+    def fn(*inputs):
+        return reference.form_sample(form, inputs[0], inputs[1:], size, mode, padding_mode, align_corners)
+
+    _, vjp = torch.func.vjp(fn, x, *params)
     grads = []
-    for i, (t, need) in enumerate(zip(inputs, needs)):
-        g = next(got) if need else None
-        if need:
-            g = torch.zeros_like(t) if g is None else g
-            # the layouts the kernel path returns and the fake implementation promises
-            g = torch.empty_like(t).copy_(g) if i == 0 else g.contiguous()
-        grads.append(g)
+    for i, (t, g, need) in enumerate(zip((x, *params), vjp(grad_out), needs)):
+        # the layouts the kernel path returns and the fake implementation promises
+        grads.append((torch.empty_like(t).copy_(g) if i == 0 else g.contiguous()) if need else None)
     return grads
 
 

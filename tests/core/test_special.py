@@ -276,3 +276,18 @@ def test_more_than_2_31_elements():
     xg = x.requires_grad_()
     (gx,) = torch.autograd.grad(st.affine_sample(xg, theta.detach(), (9, 9), align_corners=True).sum(), xg)
     assert gx[0, 0, -1, -1] == 1.0
+
+
+def test_ops_run_the_reference_when_forced(device, monkeypatch):
+    """The ops themselves work on the reference path too, in the layout their fake promises."""
+    monkeypatch.setenv("STN_TRITON_FORCE_REFERENCE", "1")
+    x = torch.randn(2, 3, 5, 6, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    theta = (torch.eye(2, 3, device=device) * 0.8).expand(2, 1, 2, 3).clone().requires_grad_()
+    out = torch.ops.stn_triton.affine_sample(x, theta, [4, 5], "bilinear", "border", False)
+    assert out.stride(2) == 1
+    ref, x64, p64 = oracle("affine", x, (theta,), (4, 5), "bilinear", "border", False)
+    assert_close(out, ref, torch.float32, "output")
+    gx, gt = torch.autograd.grad(out.sum(), (x, theta))
+    wx, wt = torch.autograd.grad(ref.sum(), (x64, p64[0]))
+    assert_close(gx, wx, torch.float32, "grad x")
+    assert_close(gt, wt, torch.float32, "grad theta", scale_by_max=True)
