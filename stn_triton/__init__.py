@@ -2,6 +2,8 @@
 
 from ._backend import backend
 from .functional import affine_sample, basis_sample, grid_sample, projective_sample
+from .modules import SpatialTransformer, spatial_transform
 
-__all__ = ["affine_sample", "backend", "basis_sample", "grid_sample", "projective_sample"]
+__all__ = ["SpatialTransformer", "affine_sample", "backend", "basis_sample", "grid_sample", "projective_sample",
+           "spatial_transform"]
 __version__ = "0.1.0"

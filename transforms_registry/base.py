@@ -1,0 +1,87 @@
+"""The family contract: what a transformation family is, as data the kernels understand.
+
+A family maps parameters theta (N, num_params) to a sampling grid. The paper's generalisation is
+``T_theta = M_theta B``: ``kernel_form`` says which fused kernel form serves the family, with M
+(and B for the basis form). Pure PyTorch; no kernel is known here.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+KINDS = ("affine", "projective", "basis", "grid")
+
+
+@dataclass
+class KernelForm:
+    """How a batch of theta becomes a fused kernel's input.
+
+    kind: "affine" (m (N, 2, 3)), "projective" (m (N, 3, 3)), "basis" (m (N, 2, D) and
+    basis (D, Ho*Wo)) or "grid" (m is the grid (N, Ho, Wo, 2)).
+    """
+
+    kind: str
+    m: torch.Tensor
+    basis: Optional[torch.Tensor] = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"KernelForm.kind: expected one of {KINDS}, got {self.kind!r}")
+        if (self.kind == "basis") != (self.basis is not None):
+            raise ValueError("KernelForm.basis: required for kind 'basis' and only for it")
+
+
+def base_grid(size, align_corners, dtype=torch.float32, device=None):
+    """The regular output grid in homogeneous coordinates, (3, Ho*Wo) rows [x, y, 1], as
+    ``F.affine_grid`` makes it (pixels row-major)."""
+    Ho, Wo = size
+    eye = torch.eye(2, 3, dtype=dtype, device=device)[None]
+    xy = torch.nn.functional.affine_grid(eye, (1, 1, Ho, Wo), align_corners=align_corners).reshape(-1, 2)
+    return torch.cat([xy, torch.ones_like(xy[:, :1])], dim=1).T
+
+
+class TransformFamily(nn.Module):
+    """Base class of every family. Subclasses set ``name`` and implement ``num_params``,
+    ``identity`` and either ``grid`` (then the explicit-grid kernel serves them) or ``kernel_form``
+    (then ``grid`` follows from it)."""
+
+    name: str = ""
+
+    @property
+    def num_params(self) -> int:
+        raise NotImplementedError(f"{type(self).__name__} must define num_params")
+
+    def identity(self) -> torch.Tensor:
+        """Parameters of the identity transform, 1-D of length num_params (to initialise the
+        localisation network's regression layer, as the paper does)."""
+        raise NotImplementedError(f"{type(self).__name__} must define identity()")
+
+    def check_theta(self, theta):
+        if not isinstance(theta, torch.Tensor) or not theta.is_floating_point():
+            raise TypeError(f"theta: expected a floating-point tensor for family {self.name!r}")
+        if theta.dim() != 2 or theta.shape[1] != self.num_params:
+            raise ValueError(f"theta: family {self.name!r} takes {self.num_params} parameters, expected shape "
+                             f"(N, {self.num_params}), got {tuple(theta.shape)}")
+
+    def kernel_form(self, theta, size, align_corners=False) -> KernelForm:
+        """Default: the explicit grid (no fusion of grid generation)."""
+        return KernelForm("grid", self.grid(theta, size, align_corners))
+
+    def grid(self, theta, size, align_corners=False) -> torch.Tensor:
+        """theta (N, num_params) -> normalised sampling grid (N, Ho, Wo, 2), pure PyTorch."""
+        form = self.kernel_form(theta, size, align_corners)
+        N = theta.shape[0]
+        if form.kind == "grid":
+            return form.m
+        if form.kind == "basis":
+            return torch.einsum("ncd,dp->npc", form.m, form.basis).reshape(N, *size, 2)
+        base = base_grid(size, align_corners, form.m.dtype, form.m.device)  # (3, P)
+        out = torch.einsum("nij,jp->npi", form.m, base)
+        if form.kind == "projective":
+            out = out[..., :2] / out[..., 2:]
+        return out.reshape(N, *size, 2)
+
+    def extra_repr(self):
+        return f"name={self.name!r}, num_params={self.num_params}"

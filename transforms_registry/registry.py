@@ -1,0 +1,89 @@
+"""The registry: a module-level dict plus a decorator (timm's style), and lazy entry points.
+
+Third-party distributions publish families in the entry-point group ``stn_triton.transforms``
+(``name = "module:Class"``); they are loaded at the first lookup. ``STN_TRITON_NO_PLUGINS=1``
+turns discovery off.
+"""
+
+import fnmatch
+import os
+import re
+import warnings
+from importlib.metadata import entry_points
+
+from .base import TransformFamily
+
+ENTRY_POINT_GROUP = "stn_triton.transforms"
+_REGISTRY: dict = {}
+_SOURCES: dict = {}  # name -> where it came from, for error messages
+_plugins_loaded = False
+
+
+def register_transform(cls=None, *, name=None, override=False):
+    """Class decorator: ``@register_transform`` or ``@register_transform(name="x", override=True)``."""
+
+    def wrap(c):
+        _register(c, name or getattr(c, "name", ""), override, source=f"{c.__module__}.{c.__qualname__}")
+        return c
+
+    return wrap(cls) if cls is not None else wrap
+
+
+def _register(cls, name, override, source):
+    if not (isinstance(cls, type) and issubclass(cls, TransformFamily)):
+        raise TypeError(f"register_transform: expected a TransformFamily subclass, got {cls!r}")
+    if not name or not isinstance(name, str):
+        raise ValueError(f"register_transform: {cls.__qualname__} needs a non-empty string `name`")
+    if name in _REGISTRY and _REGISTRY[name] is not cls and not override:
+        raise ValueError(f"transform {name!r} is already registered (by {_SOURCES[name]}); "
+                         f"pass override=True to replace it")
+    cls.name = name
+    _REGISTRY[name] = cls
+    _SOURCES[name] = source
+
+
+def _no_plugins():
+    return os.environ.get("STN_TRITON_NO_PLUGINS", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def load_plugins(force=False):
+    """Load families published under the entry-point group (once). A plugin that fails to import
+    or is not a family is skipped with one warning naming its distribution and entry point."""
+    global _plugins_loaded
+    if (_plugins_loaded and not force) or _no_plugins():
+        return
+    _plugins_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(getattr(ep, "dist", None), "name", "?")
+        where = f"entry point {ep.name!r} = {ep.value!r} of distribution {dist!r}"
+        try:
+            cls = ep.load()
+            if not (isinstance(cls, type) and issubclass(cls, TransformFamily)):
+                raise TypeError(f"{cls!r} is not a TransformFamily subclass")
+            if _REGISTRY.get(ep.name) is cls:
+                continue
+            _register(cls, ep.name, override=False, source=where)
+        except Exception as e:  # a broken plugin must not break the others
+            warnings.warn(f"stn_triton: skipping {where}: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+
+
+def _natural_key(s):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def list_transforms(pattern="*"):
+    """Registered family names matching a shell-style wildcard, naturally sorted."""
+    load_plugins()
+    return sorted((n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern)), key=_natural_key)
+
+
+def get_transform(name, **options):
+    """A new instance of family ``name`` with ``options`` (constructor arguments)."""
+    if isinstance(name, TransformFamily):
+        if options:
+            raise ValueError("get_transform: options are for a family name, not an instance")
+        return name
+    load_plugins()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown transform {name!r}; known: {', '.join(list_transforms())}")
+    return _REGISTRY[name](**options)
