@@ -1,8 +1,10 @@
-"""Regular control meshes shared by the point-based families."""
+"""Regular control meshes shared by the point-based families (tps, piecewise_affine)."""
 
 import numbers
 
 import torch
+
+from ..base import TransformFamily
 
 
 def check_grid_size(family, grid_size):
@@ -21,3 +23,30 @@ def control_points(rows, cols):
     y, x = torch.meshgrid(torch.linspace(-1, 1, rows, dtype=torch.float64),
                           torch.linspace(-1, 1, cols, dtype=torch.float64), indexing="ij")
     return torch.stack([x.flatten(), y.flatten()], dim=1)
+
+
+class ControlMeshFamily(TransformFamily):
+    """A family whose theta are the source positions of a regular rows x cols control mesh, with a
+    basis B that depends only on the output size (built once per size and cached)."""
+
+    def __init__(self, grid_size):
+        super().__init__()
+        self.grid_size = check_grid_size(self.name, grid_size)
+        self.register_buffer("ctrl", control_points(*self.grid_size).float(), persistent=False)
+        self._cache = {}
+
+    @property
+    def num_params(self):
+        return 2 * self.grid_size[0] * self.grid_size[1]
+
+    def identity(self):
+        return self.ctrl.flatten().clone()
+
+    def make_basis(self, size, align_corners, dtype=torch.float32, device=None):
+        raise NotImplementedError
+
+    def cached_basis(self, size, align_corners, dtype, device):
+        key = ((int(size[0]), int(size[1])), align_corners, dtype, device)
+        if key not in self._cache:
+            self._cache[key] = self.make_basis(key[0], align_corners, dtype, device)
+        return self._cache[key]

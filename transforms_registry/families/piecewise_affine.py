@@ -9,27 +9,17 @@ vertex (i+1, j+1).
 
 import torch
 
-from ..base import KernelForm, TransformFamily, base_grid
+from ..base import KernelForm, base_grid
 from ..registry import register_transform
-from ._mesh import check_grid_size, control_points
+from ._mesh import ControlMeshFamily
 
 
 @register_transform
-class PiecewiseAffine(TransformFamily):
+class PiecewiseAffine(ControlMeshFamily):
     name = "piecewise_affine"
 
     def __init__(self, grid_size=(4, 4)):
-        super().__init__()
-        self.grid_size = check_grid_size("piecewise_affine", grid_size)
-        self.register_buffer("ctrl", control_points(*self.grid_size).float(), persistent=False)
-        self._cache = {}
-
-    @property
-    def num_params(self):
-        return 2 * self.grid_size[0] * self.grid_size[1]
-
-    def identity(self):
-        return self.ctrl.flatten().clone()
+        super().__init__(grid_size)
 
     def make_basis(self, size, align_corners, dtype=torch.float32, device=None):
         """Barycentric weights (V, Ho*Wo): three non-zeros per pixel."""
@@ -52,8 +42,5 @@ class PiecewiseAffine(TransformFamily):
 
     def kernel_form(self, theta, size, align_corners=False):
         self.check_theta(theta)
-        key = ((int(size[0]), int(size[1])), align_corners, theta.dtype, theta.device)
-        if key not in self._cache:
-            self._cache[key] = self.make_basis(key[0], align_corners, theta.dtype, theta.device)
         m = theta.reshape(theta.shape[0], -1, 2).transpose(1, 2)  # (N, 2, V)
-        return KernelForm("basis", m, self._cache[key])
+        return KernelForm("basis", m, self.cached_basis(size, align_corners, theta.dtype, theta.device))

@@ -17,9 +17,9 @@ to the output ``size`` given at construction.
 import torch
 from torch import nn
 
-from ..base import KernelForm, TransformFamily, base_grid
+from ..base import KernelForm, base_grid
 from ..registry import register_transform
-from ._mesh import check_grid_size, control_points
+from ._mesh import ControlMeshFamily
 
 
 def _u(r2):
@@ -27,13 +27,12 @@ def _u(r2):
 
 
 @register_transform
-class ThinPlateSpline(TransformFamily):
+class ThinPlateSpline(ControlMeshFamily):
     name = "tps"
 
     def __init__(self, grid_size=(4, 4), learnable_basis=False, size=None, align_corners=False):
-        super().__init__()
-        self.grid_size = check_grid_size("tps", grid_size)
-        ctrl = control_points(*self.grid_size)  # (K, 2) float64
+        super().__init__(grid_size)
+        ctrl = self.ctrl.double()  # (K, 2)
         K = ctrl.shape[0]
         P = torch.cat([torch.ones(K, 1, dtype=torch.float64), ctrl], dim=1)  # (K, 3)
         L = torch.zeros(K + 3, K + 3, dtype=torch.float64)
@@ -42,7 +41,6 @@ class ThinPlateSpline(TransformFamily):
         L[3:, 3:] = _u(torch.cdist(ctrl, ctrl).square())
         # coefficients [a; w] = L^-1 [0; theta]: only the columns for theta are needed
         self.register_buffer("solve", torch.linalg.inv(L)[:, 3:].float(), persistent=False)  # (K+3, K)
-        self.register_buffer("ctrl", ctrl.float(), persistent=False)
         self.learnable_basis = bool(learnable_basis)
         self.align_corners = align_corners
         self.size = None
@@ -51,14 +49,6 @@ class ThinPlateSpline(TransformFamily):
                 raise ValueError("size: tps with learnable_basis=True needs the output size (Ho, Wo)")
             self.size = (int(size[0]), int(size[1]))
             self.basis = nn.Parameter(self.make_basis(self.size, align_corners))
-        self._cache = {}
-
-    @property
-    def num_params(self):
-        return 2 * self.grid_size[0] * self.grid_size[1]
-
-    def identity(self):
-        return self.ctrl.flatten().clone()
 
     def make_basis(self, size, align_corners, dtype=torch.float32, device=None):
         """B = [1, x, y, U(r_1..K)] on the output grid: (K+3, Ho*Wo)."""
@@ -75,10 +65,7 @@ class ThinPlateSpline(TransformFamily):
                                  f"{self.align_corners}; got {size} and {align_corners}")
             basis = self.basis
         else:
-            key = (size, align_corners, theta.dtype, theta.device)
-            if key not in self._cache:
-                self._cache[key] = self.make_basis(size, align_corners, theta.dtype, theta.device)
-            basis = self._cache[key]
+            basis = self.cached_basis(size, align_corners, theta.dtype, theta.device)
         src = theta.reshape(theta.shape[0], -1, 2)  # (N, K, 2)
         m = torch.einsum("ak,nkc->nca", self.solve.to(theta.dtype), src)  # (N, 2, K+3)
         return KernelForm("basis", m, basis)
