@@ -56,12 +56,19 @@ def reflect_with_grad(i, size, ALIGN: tl.constexpr):
     sign = tl.where(t < 0.0, -1.0, 1.0)
     t = tl.abs(t)
     safe_span = tl.maximum(span, 1.0)
-    extra = t % safe_span
-    flips = tl.floor(t / safe_span)
+    # one quotient for both: an approximate t / span beside an exact fmod can disagree on the parity
+    # at multiples of the span and send the pixel to the opposite border (compiled, not interpreted)
+    flips = tl.floor(tl.div_rn(t, safe_span))
+    extra = t - flips * safe_span
+    extra = tl.where(extra < 0.0, 0.0, extra)
     even = (flips - 2.0 * tl.floor(flips * 0.5)) == 0.0
     r = tl.where(even, extra + lo, safe_span - extra + lo)
     d_ref = tl.where(even, sign, -sign)
-    # A one-pixel axis with align_corners has nowhere to reflect to: PyTorch returns 0, derivative 0.
+    # A one-pixel axis with align_corners has nowhere to reflect to: PyTorch returns 0, derivative 0;
+    # NaN and +-inf reflect to pixel 0 (CUDA's fmod -> NaN -> clip), derivative 0.
+    finite = t <= 3.4e38  # false for NaN and inf
+    r = tl.where(finite, r, 0.0)
+    d_ref = tl.where(finite, d_ref, 0.0)
     r = tl.where(span > 0.0, r, 0.0)
     d_ref = tl.where(span > 0.0, d_ref, 0.0)
     r, d_clip = clip_with_grad(r, size)

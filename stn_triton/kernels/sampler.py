@@ -289,30 +289,30 @@ def gather_grad_input_kernel(
     pid = tl.program_id(0).to(tl.int64)
     n = pid // n_blk
     blk = pid % n_blk
-    offs_q = blk * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)  # input pixels [BQ]
+    # Everything per pixel stays [BQ, 1]: Triton 3.6 miscompiles a loop-varying 1-D mask that is
+    # also expanded to 2-D inside the loop ("mask type matches ptr type").
+    offs_q = (blk * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64))[:, None]  # input pixels [BQ, 1]
     mask_q = offs_q < HW
     start = tl.load(p_seg + n * (HW + 1) + offs_q, mask=mask_q, other=0)
     end = tl.load(p_seg + n * (HW + 1) + offs_q + 1, mask=mask_q, other=0)
-    n_max = tl.max(end - start, axis=0)
-    o_d = n * s_dn + (offs_q // W) * s_dh + (offs_q % W) * s_dw  # [BQ]
+    n_max = tl.max(tl.max(end - start, axis=1), axis=0)
+    o_d = n * s_dn + (offs_q // W) * s_dh + (offs_q % W) * s_dw  # [BQ, 1]
     for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask_c = (offs_c < C)[None, :]
+        offs_c = (c0 + tl.arange(0, BLOCK_C).to(tl.int64))[None, :]  # [1, BC]
+        mask_c = offs_c < C
         acc = tl.zeros([BLOCK_Q, BLOCK_C], tl.float32)
         for t in range(0, n_max):
             pos = start + t
-            live = mask_q & (pos < end)
-            e = tl.load(p_perm + n * E + pos, mask=live, other=0)  # [BQ]
+            live = mask_q & (pos < end)  # [BQ, 1]
+            e = tl.load(p_perm + n * E + pos, mask=live, other=0)
             wt = tl.load(p_wt + n * E + e, mask=live, other=0.0)
             kp = e // NCORNER  # k * P + p
             k = kp // P
             p = kp % P
             o_g = n * s_gn + k * s_gk + (p // Wo) * s_gh + (p % Wo) * s_gw
-            go = tl.load(p_go + o_g[:, None] + (offs_c * s_gc)[None, :], mask=live[:, None] & mask_c,
-                         other=0.0).to(tl.float32)
-            acc += wt[:, None] * go
-        tl.store(p_gx + o_d[:, None] + (offs_c * s_dc)[None, :], acc.to(p_gx.dtype.element_ty),
-                 mask=mask_q[:, None] & mask_c)
+            go = tl.load(p_go + o_g + offs_c * s_gc, mask=live & mask_c, other=0.0).to(tl.float32)
+            acc += wt * go
+        tl.store(p_gx + o_d + offs_c * s_dc, acc.to(p_gx.dtype.element_ty), mask=mask_q & mask_c)
 
 
 # ----------------------------------------------------------------------------------------------
