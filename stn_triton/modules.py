@@ -85,8 +85,9 @@ class SpatialTransformer(nn.Module):
         if not isinstance(num_transforms, int) or num_transforms < 1:
             raise ValueError(f"num_transforms: expected a positive int, got {num_transforms!r}")
         Fn._check_options(mode, padding_mode, align_corners)
-        if options.get("learnable_basis") and "size" not in options:
-            options["size"] = size  # a learnable B is tied to the output size
+        if options.get("learnable_basis"):  # a learnable B is tied to the output grid
+            options.setdefault("size", size)
+            options.setdefault("align_corners", align_corners)
         self.family = _family(transform, options)
         self.localization = localization if localization is not None else default_localization()
         self.num_transforms = num_transforms

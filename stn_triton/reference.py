@@ -18,15 +18,14 @@ receives the incoming gradient.
 import torch
 import torch.nn.functional as F
 
+import transforms_registry
+
 _FAR = 2.0 ** 30
 
 
 def base_grid(size, align_corners, dtype, device):
     """PyTorch's affine_grid base, homogeneous: (Ho*Wo, 3) rows [x_p, y_p, 1], row-major pixels."""
-    Ho, Wo = size
-    eye = torch.eye(2, 3, dtype=dtype, device=device)[None]
-    xy = F.affine_grid(eye, (1, 1, Ho, Wo), align_corners=align_corners).reshape(Ho * Wo, 2)
-    return torch.cat([xy, torch.ones_like(xy[:, :1])], dim=1)
+    return transforms_registry.base_grid(size, align_corners, dtype, device).T
 
 
 def affine_grid(theta, size, align_corners):

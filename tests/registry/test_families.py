@@ -147,6 +147,8 @@ def test_spatial_transformer_starts_at_identity_and_groups(device):
     assert stn.head.weight.grad is not None and stn.head.weight.grad.abs().sum() > 0
     groups = stn.parameter_groups(0.1)
     assert groups[0]["lr"] == pytest.approx(0.01) and len(groups) == 1
-    tps = st.SpatialTransformer(transform="tps", size=(6, 7), grid_size=(3, 3), learnable_basis=True)
+    tps = st.SpatialTransformer(transform="tps", size=(6, 7), grid_size=(3, 3), learnable_basis=True,
+                                align_corners=True)
+    assert tps(torch.randn(2, 1, 9, 9)).shape == (2, 1, 6, 7)  # B built for the module's align_corners
     groups = tps.parameter_groups(0.1)
     assert len(groups) == 2 and groups[1]["params"][0] is tps.family.basis and groups[1]["lr"] == 0.1
