@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
 # The README's test command: the whole suite on the CPU, Triton kernels in Triton's interpreter.
 source "$(dirname "$0")/env.sh"
-export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
+export TRITON_INTERPRET=1 OMP_NUM_THREADS=1 STN_TRITON_REQUIRE_PLUGIN=1
 python -m pytest -n "${STN_TRITON_TEST_WORKERS:-2}" -q "$@"

@@ -27,12 +27,17 @@ def control_points(rows, cols):
 
 class ControlMeshFamily(TransformFamily):
     """A family whose theta are the source positions of a regular rows x cols control mesh, with a
-    basis B that depends only on the output size (built once per size and cached)."""
+    basis B that depends only on the output size (built once per size and cached).
+
+    Fixed tables (the control points, and what subclasses derive from them) are kept in float64
+    and cast, once per dtype and device, to theta's: a family has no dtype of its own, so float64
+    theta get float64 accuracy and ``.half()`` on a model cannot round them.
+    """
 
     def __init__(self, grid_size):
         super().__init__()
         self.grid_size = check_grid_size(self.name, grid_size)
-        self.register_buffer("ctrl", control_points(*self.grid_size).float(), persistent=False)
+        self.ctrl64 = control_points(*self.grid_size)  # (K, 2) float64, CPU
         self._cache = {}
 
     @property
@@ -40,13 +45,20 @@ class ControlMeshFamily(TransformFamily):
         return 2 * self.grid_size[0] * self.grid_size[1]
 
     def identity(self):
-        return self.ctrl.flatten().clone()
+        return self.ctrl64.flatten().float()
 
     def make_basis(self, size, align_corners, dtype=torch.float32, device=None):
         raise NotImplementedError
 
     def cached_basis(self, size, align_corners, dtype, device):
-        key = ((int(size[0]), int(size[1])), align_corners, dtype, device)
+        key = ("basis", (int(size[0]), int(size[1])), align_corners, dtype, device)
         if key not in self._cache:
-            self._cache[key] = self.make_basis(key[0], align_corners, dtype, device)
+            self._cache[key] = self.make_basis(key[1], align_corners, dtype, device)
+        return self._cache[key]
+
+    def cached_cast(self, name, table, dtype, device):
+        """A float64 table cast to (dtype, device), once."""
+        key = (name, dtype, device)
+        if key not in self._cache:
+            self._cache[key] = table.to(device=device, dtype=dtype)
         return self._cache[key]

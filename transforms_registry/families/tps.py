@@ -32,7 +32,7 @@ class ThinPlateSpline(ControlMeshFamily):
 
     def __init__(self, grid_size=(4, 4), learnable_basis=False, size=None, align_corners=False):
         super().__init__(grid_size)
-        ctrl = self.ctrl.double()  # (K, 2)
+        ctrl = self.ctrl64  # (K, 2)
         K = ctrl.shape[0]
         P = torch.cat([torch.ones(K, 1, dtype=torch.float64), ctrl], dim=1)  # (K, 3)
         L = torch.zeros(K + 3, K + 3, dtype=torch.float64)
@@ -40,7 +40,7 @@ class ThinPlateSpline(ControlMeshFamily):
         L[3:, :3] = P
         L[3:, 3:] = _u(torch.cdist(ctrl, ctrl).square())
         # coefficients [a; w] = L^-1 [0; theta]: only the columns for theta are needed
-        self.register_buffer("solve", torch.linalg.inv(L)[:, 3:].float(), persistent=False)  # (K+3, K)
+        self.solve64 = torch.linalg.inv(L)[:, 3:]  # (K+3, K) float64
         self.learnable_basis = bool(learnable_basis)
         self.align_corners = align_corners
         self.size = None
@@ -53,7 +53,7 @@ class ThinPlateSpline(ControlMeshFamily):
     def make_basis(self, size, align_corners, dtype=torch.float32, device=None):
         """B = [1, x, y, U(r_1..K)] on the output grid: (K+3, Ho*Wo)."""
         base = base_grid(size, align_corners, torch.float64, device)  # (3, P): x, y, 1
-        r2 = torch.cdist(self.ctrl.double().to(base.device), base[:2].T).square()  # (K, P)
+        r2 = torch.cdist(self.ctrl64.to(base.device), base[:2].T).square()  # (K, P)
         return torch.cat([base[2:], base[:2], _u(r2)], dim=0).to(dtype)
 
     def kernel_form(self, theta, size, align_corners=False):
@@ -67,5 +67,5 @@ class ThinPlateSpline(ControlMeshFamily):
         else:
             basis = self.cached_basis(size, align_corners, theta.dtype, theta.device)
         src = theta.reshape(theta.shape[0], -1, 2)  # (N, K, 2)
-        m = torch.einsum("ak,nkc->nca", self.solve.to(theta.dtype), src)  # (N, 2, K+3)
+        m = torch.einsum("ak,nkc->nca", self.cached_cast("solve", self.solve64, theta.dtype, theta.device), src)  # (N, 2, K+3)
         return KernelForm("basis", m, basis)
