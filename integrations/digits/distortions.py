@@ -1,0 +1,140 @@
+"""The paper's distortions of MNIST-like digits (Jaderberg et al. 2015, appendix A.1), made with this
+library's own transforms.
+
+Each distortion takes digits (N, 1, 28, 28) in [0, 1] and a ``torch.Generator`` and returns the
+distorted images (N, 1, S, S) in [0, 1] on a canvas of side S:
+
+======  ======  ==============================================================================
+name    canvas  what
+======  ======  ==============================================================================
+R       28      rotation, uniform within +-``max_angle`` (90 degrees)
+RTS     42      rotation +-45 degrees, scale 0.7 to 1.2, random placement in a canvas 1.5x the
+                digit's frame (so the scaled digit stays inside)
+P       28      projective: scale 0.75 to 1.0, then each of the frame's four corners moved by
+                Gaussian noise (``corner_std`` pixels)
+E       28      elastic: a thin plate spline whose 4 x 4 control points are moved by Gaussian
+                noise (``point_std`` pixels)
+TC      60      translated and cluttered: the digit placed anywhere in a 60 x 60 canvas, plus
+                ``clutter`` random 6 x 6 patches cut from other digits
+======  ======  ==============================================================================
+
+The magnitudes are keyword options. With identity settings (angle 0, scale 1, no noise,
+``translate=False``, no clutter) each gives the undistorted digit, centred in its canvas.
+"""
+
+import math
+
+import torch
+
+import stn_triton as st
+from transforms_registry import get_transform
+
+from .data import FRAME
+
+DISTORTIONS = ("R", "RTS", "P", "E", "TC")
+
+
+def _uniform(gen, n, lo, hi):
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)
+
+
+def _place(digits, gen, canvas, angle, scale, shift):
+    """Affine placement: canvas coordinates -> the digit's frame. angle (radians), scale, shift (in
+    canvas-normalised units) are (N,) / (N, 2) tensors."""
+    ratio = canvas / FRAME  # one normalised canvas unit is `ratio` normalised frame units
+    c, s = torch.cos(angle), torch.sin(angle)
+    rot_inv = torch.stack([c, s, -s, c], 1).view(-1, 2, 2)  # rotation by -angle
+    a = rot_inv * (ratio / scale)[:, None, None]
+    b = -(a @ shift[:, :, None])
+    theta = torch.cat([a, b], 2).float()
+    return st.affine_sample(digits, theta, (canvas, canvas))
+
+
+def rotate(digits, gen, max_angle=90.0):
+    n = digits.shape[0]
+    angle = _uniform(gen, n, -max_angle, max_angle) * math.pi / 180
+    one = torch.ones(n, dtype=torch.float64)
+    return _place(digits, gen, FRAME, angle, one, torch.zeros(n, 2, dtype=torch.float64))
+
+
+def rotate_translate_scale(digits, gen, max_angle=45.0, scale=(0.7, 1.2), canvas_factor=1.5, translate=True):
+    n = digits.shape[0]
+    canvas = int(round(FRAME * canvas_factor))
+    angle = _uniform(gen, n, -max_angle, max_angle) * math.pi / 180
+    s = _uniform(gen, n, *scale)
+    room = (1 - s * FRAME / canvas).clamp_min(0) * float(translate)  # keep the scaled frame inside the canvas
+    shift = (2 * torch.rand(n, 2, generator=gen, dtype=torch.float64) - 1) * room[:, None]
+    return _place(digits, gen, canvas, angle, s, shift)
+
+
+def homography(src, dst):
+    """The (N, 3, 3) homographies (last entry 1) mapping the four points ``src`` (N, 4, 2) onto
+    ``dst`` (N, 4, 2): the 8 x 8 direct linear transform, solved in float64."""
+    src, dst = src.double(), dst.double()
+    x, y = src.unbind(-1)
+    u, v = dst.unbind(-1)
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1)
+    rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)
+    a = torch.cat([rows_u, rows_v], 1)  # (N, 8, 8)
+    h = torch.linalg.solve(a, torch.cat([u, v], 1))
+    return torch.cat([h, torch.ones_like(h[:, :1])], 1).view(-1, 3, 3)
+
+
+CORNERS = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
+
+
+def projective(digits, gen, scale=(0.75, 1.0), corner_std=3.0):
+    n = digits.shape[0]
+    s = _uniform(gen, n, *scale)
+    noise = torch.randn(n, 4, 2, generator=gen, dtype=torch.float64) * (corner_std * 2 / FRAME)
+    where = CORNERS * s[:, None, None] + noise  # where the frame's corners land on the canvas
+    h = homography(where, CORNERS.expand(n, 4, 2))  # canvas -> frame
+    return st.projective_sample(digits, h.float(), (FRAME, FRAME))
+
+
+def elastic(digits, gen, point_std=2.0, grid_size=(4, 4)):
+    family = get_transform("tps", grid_size=grid_size)
+    n = digits.shape[0]
+    ident = family.identity().double()
+    theta = ident + torch.randn(n, ident.numel(), generator=gen, dtype=torch.float64) * (point_std * 2 / FRAME)
+    return st.spatial_transform(digits, theta.float(), family, (FRAME, FRAME))
+
+
+def translate_clutter(digits, gen, canvas=60, clutter=6, patch=6, translate=True):
+    n = digits.shape[0]
+    room = (1 - FRAME / canvas) * float(translate)
+    shift = (2 * torch.rand(n, 2, generator=gen, dtype=torch.float64) - 1) * room
+    one = torch.ones(n, dtype=torch.float64)
+    out = _place(digits, gen, canvas, torch.zeros(n, dtype=torch.float64), one, shift)
+    if clutter and n > 1:
+        for _ in range(clutter):
+            # a patch from another digit (never the image's own), cut where digits have ink
+            other = (torch.arange(n) + torch.randint(1, n, (n,), generator=gen)) % n
+            lo, hi = (FRAME - 20) // 2, (FRAME + 20) // 2 - patch
+            cy, cx = (torch.randint(lo, hi + 1, (2, n), generator=gen))
+            py, px = torch.randint(0, canvas - patch + 1, (2, n), generator=gen)
+            r = torch.arange(patch)
+            src = digits[other[:, None, None], 0, (cy[:, None] + r)[:, :, None], (cx[:, None] + r)[:, None, :]]
+            rows, cols = (py[:, None] + r)[:, :, None], (px[:, None] + r)[:, None, :]
+            idx = torch.arange(n)[:, None, None]
+            out[idx, 0, rows, cols] = torch.maximum(out[idx, 0, rows, cols], src)
+    return out
+
+
+GENERATORS = {"R": rotate, "RTS": rotate_translate_scale, "P": projective, "E": elastic, "TC": translate_clutter}
+
+
+def distort(name, digits, gen, **options):
+    """Apply distortion ``name`` (one of R, RTS, P, E, TC) to ``digits`` (N, 1, 28, 28)."""
+    if name not in GENERATORS:
+        raise ValueError(f"distortion: expected one of {', '.join(DISTORTIONS)}, got {name!r}")
+    if digits.dim() != 4 or digits.shape[1:] != (1, FRAME, FRAME):
+        raise ValueError(f"digits: expected (N, 1, {FRAME}, {FRAME}), got {tuple(digits.shape)}")
+    with torch.no_grad():
+        return GENERATORS[name](digits, gen, **options).clamp_(0, 1)
+
+
+def canvas_size(name, **options):
+    """The side of the canvas distortion ``name`` produces."""
+    return distort(name, torch.zeros(1, 1, FRAME, FRAME), torch.Generator().manual_seed(0), **options).shape[-1]
