@@ -1,0 +1,214 @@
+"""The timm integration: registered models, timm's API contract, ST-CNN Multi, the CUB dataset."""
+
+import pytest
+import timm
+import torch
+
+import integrations.timm  # noqa: F401  (registers the models)
+from integrations.timm import CUB200, ParallelSTNet, STMultiNet, cub_transforms, region_centres
+
+from _cub import CLASSES, make_cub
+
+# small sizes for the CPU: Inception-v3 needs at least 75 px
+SMALL = {
+    "stn_inception_v3_2x": dict(img_size=128, branch_size=80, loc_size=80),
+    "stn_inception_v3_4x": dict(img_size=128, branch_size=80, loc_size=80),
+    "stn_mobilenetv3_small_2x": dict(img_size=64, branch_size=32, loc_size=32),
+}
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    """Big timm models take the pure-PyTorch sampler (the kernels are tested in tests/core)."""
+    monkeypatch.setenv("STN_TRITON_FORCE_REFERENCE", "1")
+
+
+def test_registered():
+    assert set(SMALL) <= set(timm.list_models("stn_*"))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_forward_backward_and_timm_api(reference, name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=7, **SMALL[name])
+    K = model.num_transforms
+    x = torch.randn(2, 3, SMALL[name]["img_size"], SMALL[name]["img_size"])
+    out = model(x)
+    assert out.shape == (2, 7)
+    out.logsumexp(1).sum().backward()
+    assert model.loc_head.weight.grad.abs().sum() > 0  # gradients reach the localisation network
+    assert all(b.conv_stem.weight.grad is not None if hasattr(b, "conv_stem") else True for b in model.branches)
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, model.num_features) and model.num_features == K * model.branch_features
+        pre = model.forward_head(feats, pre_logits=True)
+        assert pre.shape == (2, model.num_features)
+        torch.testing.assert_close(model.forward_head(feats), model.get_classifier()(pre))
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+
+
+def test_pretrained_cfg_and_data_config():
+    model = timm.create_model("stn_inception_v3_2x", pretrained=False, num_classes=200)
+    assert model.pretrained_cfg["input_size"] == (3, 448, 448) and model.num_classes == 200
+    assert model.fc.out_features == 200 and model.branch_size == 224 and model.loc_size == 224
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (3, 448, 448) and cfg["mean"] == (0.5, 0.5, 0.5)  # Inception's normalisation
+    t = cub_transforms(model, training=False)
+    from PIL import Image
+    assert t(Image.new("RGB", (500, 375))).shape == (3, 448, 448)
+
+
+def test_checkpoint_path_route(reference, tmp_path):
+    torch.manual_seed(1)
+    a = timm.create_model("stn_mobilenetv3_small_2x", num_classes=5)
+    torch.save(a.state_dict(), tmp_path / "w.pth")
+    torch.manual_seed(2)
+    b = timm.create_model("stn_mobilenetv3_small_2x", num_classes=5, checkpoint_path=str(tmp_path / "w.pth"))
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+
+
+def test_transforms_start_on_different_regions(reference):
+    model = timm.create_model("stn_mobilenetv3_small_2x", num_classes=5, img_size=64, branch_size=32, loc_size=32)
+    theta = model.localize(torch.randn(3, 3, 64, 64))
+    assert theta.shape == (3, 2, 3)
+    torch.testing.assert_close(theta, torch.tensor([[0.5, -0.5, 0.0], [0.5, 0.5, 0.0]]).expand(3, 2, 3))
+    four = region_centres(4, 0.5)
+    torch.testing.assert_close(four, torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]]))
+    assert region_centres(3, 0.75).abs().max() <= 0.25  # crops stay inside the image
+
+
+def test_fixed_scale_is_not_learnt(reference):
+    torch.manual_seed(0)
+    model = ParallelSTNet("mobilenetv3_small_100", num_transforms=2, num_classes=4, img_size=64, branch_size=32,
+                          loc_size=32)
+    assert model.loc_head.out_features == 2 * 2  # only (tx, ty) per transform are regressed
+    with torch.no_grad():
+        model.loc_head.weight.normal_()
+    theta = model.localize(torch.randn(2, 3, 64, 64))
+    assert (theta[..., 0] == 0.5).all() and theta[..., 1:].std() > 0
+    free = ParallelSTNet("mobilenetv3_small_100", num_transforms=2, num_classes=4, img_size=64, branch_size=32,
+                         loc_size=32, transform="affine", fixed_params=None)
+    assert free.loc_head.out_features == 12
+    free.eval()
+    torch.testing.assert_close(free.localize(torch.randn(1, 3, 64, 64))[0, 0],
+                               torch.tensor([0.5, 0, -0.5, 0, 0.5, 0.0]))
+    with pytest.raises(ValueError, match=r"fixed_params: index 3 is not a parameter of 'attention' \(0..2\)"):
+        ParallelSTNet("mobilenetv3_small_100", num_transforms=2, fixed_params={3: 1.0})
+    with pytest.raises(ValueError, match=r"num_transforms: expected a positive int, got 0"):
+        ParallelSTNet("mobilenetv3_small_100", num_transforms=0)
+
+
+def test_kernel_path_inside_a_timm_model():
+    """The same model with the Triton kernels (interpreter on the CPU) matches the reference."""
+    torch.manual_seed(0)
+    model = timm.create_model("stn_mobilenetv3_small_2x", num_classes=4, img_size=48, branch_size=24, loc_size=24)
+    with torch.no_grad():
+        model.loc_head.weight.normal_(std=0.1)
+    model.eval()
+    x = torch.randn(2, 3, 48, 48)
+    crops = model.crops(x)
+    import os
+    os.environ["STN_TRITON_FORCE_REFERENCE"] = "1"
+    try:
+        want = model.crops(x)
+    finally:
+        del os.environ["STN_TRITON_FORCE_REFERENCE"]
+    assert crops.shape == (2, 2, 3, 24, 24)
+    torch.testing.assert_close(crops, want, rtol=1e-5, atol=1e-5)
+
+
+def test_st_multi(reference):
+    torch.manual_seed(0)
+    plain = timm.create_model("mobilenetv3_small_100", num_classes=6)
+    torch.manual_seed(0)
+    multi = STMultiNet("mobilenetv3_small_100", stages=(0, 2, 4), num_classes=6)
+    multi.backbone.load_state_dict(plain.state_dict())
+    plain.eval(), multi.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(multi(x), plain(x), rtol=1e-4, atol=1e-5)  # every transformer starts at identity
+        calls = []
+        hook = multi.transformers["2"].register_forward_hook(lambda m, a, o: calls.append(o.shape))
+        multi(x)
+        hook.remove()
+    assert calls and calls[0][1] == multi.backbone.feature_info[1]["num_chs"]  # ran on stage 2's map
+    multi.train()
+    multi(x).sum().backward()
+    assert all(t.head.weight.grad.abs().sum() > 0 for t in multi.transformers.values())
+    assert multi.forward_head(multi.forward_features(x), pre_logits=True).shape == (2, multi.head_hidden_size)
+    multi.reset_classifier(3)
+    assert multi(x).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"stages: expected distinct ints in 0..5"):
+        STMultiNet("mobilenetv3_small_100", stages=(9,))
+
+
+# --- the CUB dataset -------------------------------------------------------------------------------
+
+def test_cub_dataset(tmp_path):
+    root = make_cub(tmp_path / "CUB_200_2011")
+    train, test = CUB200(root, "train"), CUB200(root, "test")
+    assert len(train) == len(test) == 6 and train.classes == CLASSES
+    image, label = train[0]
+    assert image.size == (56, 48) and label == 0 and train.boxes[0] == (12.0, 12.0, 24.0, 24.0)
+    assert sorted(lbl for _, lbl in train.samples) == [0, 0, 1, 1, 2, 2]
+    model = timm.create_model("stn_mobilenetv3_small_2x", num_classes=3, img_size=64, branch_size=32, loc_size=32)
+    train.transform = cub_transforms(model, training=True)
+    assert train[1][0].shape == (3, 64, 64)
+
+
+def _edit(path, fn):
+    path.write_text(fn(path.read_text()))
+
+
+@pytest.mark.parametrize("file,edit,error,match", [
+    ("images.txt", lambda t: t.replace("1 001.Red_Bird/Red_Bird_0000.jpg", "1 ../../secret.jpg"), ValueError,
+     r"images.txt, line 1: path '../../secret.jpg' leads outside"),
+    ("images.txt", lambda t: t.replace("2 001.Red_Bird/Red_Bird_0001.jpg", "2 /etc/passwd"), ValueError,
+     r"images.txt, line 2: path '/etc/passwd' leads outside"),
+    ("bounding_boxes.txt", lambda t: t[:-9], ValueError, r"bounding_boxes.txt, line 12: expected 5 fields, got 4: '12 12.0 12.0 2'"),
+    ("train_test_split.txt", lambda t: t.replace("3 1", "3 yes"), ValueError,
+     r"train_test_split.txt, line 3: expected 0 or 1, got 'yes'"),
+    ("image_class_labels.txt", lambda t: t.replace("4 1", "4 9"), ValueError,
+     r"image_class_labels.txt, line 4: class 9 is not in classes.txt \(1..3\)"),
+    ("image_class_labels.txt", lambda t: t.replace("5 2\n", "5 two\n").replace("5 1\n", "5 two\n"), ValueError,
+     r"image_class_labels.txt, line 5: invalid literal"),
+    ("image_class_labels.txt", lambda t: "\n".join(t.splitlines()[:-1]), ValueError,
+     r"image_class_labels.txt: no entry for image id 12"),
+    ("classes.txt", lambda t: "", ValueError, r"classes.txt: no entries"),
+], ids=["dotdot", "absolute", "truncated", "bad-flag", "bad-class", "not-int", "missing-id", "empty"])
+def test_cub_bad_metadata(tmp_path, file, edit, error, match):
+    root = make_cub(tmp_path / "cub")
+    _edit(root / file, edit)
+    with pytest.raises(error, match=match):
+        CUB200(root, "train")
+
+
+def test_cub_missing_files(tmp_path):
+    root = make_cub(tmp_path / "cub")
+    (root / "classes.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"classes.txt: not found"):
+        CUB200(root)
+    with pytest.raises(NotADirectoryError):
+        CUB200(tmp_path / "nowhere")
+    root = make_cub(tmp_path / "cub2")
+    ds = CUB200(root, "test")
+    ds.samples[0][0].write_bytes(ds.samples[0][0].read_bytes()[:100])  # a truncated JPEG
+    with pytest.raises(OSError, match=r"cannot read it"):
+        ds[0]
+    ds.samples[1][0].unlink()
+    with pytest.raises(FileNotFoundError, match=r"listed in images.txt but missing"):
+        ds[1]
+
+
+def test_theta_stays_float32_under_autocast(reference):
+    model = timm.create_model("stn_mobilenetv3_small_2x", num_classes=3, img_size=64, branch_size=32, loc_size=32)
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theta = model.localize(torch.randn(2, 3, 64, 64))
+        crops = model.crops(torch.randn(2, 3, 64, 64), theta)
+    assert theta.dtype == torch.float32 and torch.isfinite(crops).all()
