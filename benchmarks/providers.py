@@ -1,0 +1,230 @@
+"""Providers: the implementations a benchmark row times, all computing the same kind of transform.
+
+Every provider belongs to a transform *family* (affine, projective, basis), which fixes the
+parameters the run draws for it (:func:`draw_params`) and the minimum bytes of a row. A provider then
+
+- ``prepare(params, x, case)``: turns the family's float32 parameters into the leaf tensors it
+  differentiates (outside any timing: e.g. kornia's pixel matrices, eager's theta in the input's
+  dtype), and
+- ``build(case, dtype, device)``: returns ``apply(x, leaves) -> output`` for that case (once per
+  case and dtype, so ``torch.compile`` compiles once for all modes).
+
+Outputs are (N, C, Ho, Wo) for K = 1 and (N, K, C, Ho, Wo) otherwise, as ``st.affine_sample`` gives.
+"""
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+import stn_triton as st
+from transforms_registry import get_transform
+
+TPS_GRID = (4, 4)  # the paper's 4 x 4 control points: D = 16 + 3 basis rows
+
+
+@dataclass
+class Provider:
+    name: str
+    description: str
+    family: str  # "affine", "projective" or "basis": which parameters it takes
+    ours: bool  # one of this library's kernels (gets the deterministic-backward row)
+    make_apply: callable  # (case, dtype, device) -> apply(x, leaves)
+    prepare: callable = None  # (params, x, case) -> leaves; default: the family's params as they are
+    requires: str = None  # a module that must be importable
+    cpu_default: bool = True  # part of the default CPU run
+    _built: dict = field(default_factory=dict, repr=False)
+
+    def available(self):
+        """(True, "") or (False, why)."""
+        if self.requires and importlib.util.find_spec(self.requires) is None:
+            return False, f"{self.requires} not installed"
+        return True, ""
+
+    def leaves(self, params, x, case):
+        leaves = self.prepare(params, x, case) if self.prepare else list(params)
+        return [t.detach().requires_grad_(True) for t in leaves]
+
+    def reset(self):
+        """Forget built (and compiled) functions."""
+        self._built.clear()
+
+    def build(self, case, dtype, device):
+        """``apply`` for this case and dtype, built once and reused by every mode."""
+        key = (case, dtype, str(device))
+        if key not in self._built:
+            self._built.clear()  # one case at a time: drop the previous case's compiled code
+            self._built[key] = self.make_apply(case, dtype, device)
+        return self._built[key]
+
+
+# --- the parameters each family draws --------------------------------------------------------------
+
+def _lead(case):
+    return (case.N,) if case.K == 1 else (case.N, case.K)
+
+
+def draw_params(family, case, device, generator):
+    """Near-identity transforms (so most samples land inside the input), float32.
+
+    Returns [theta (N[, K], 2, 3)] (affine), [h (N[, K], 3, 3)] with a small perspective row
+    (projective), or [m (N[, K], 2, D)] of a 4 x 4 thin plate spline with jittered control points
+    (basis; its basis is :func:`tps_basis`).
+    """
+    lead = _lead(case)
+
+    def noise(*shape, scale):
+        return scale * torch.randn(*shape, generator=generator, device=device)
+
+    if family == "affine":
+        theta = torch.eye(2, 3, device=device).expand(*lead, 2, 3) + noise(*lead, 2, 3, scale=0.1)
+        return [theta]
+    if family == "projective":
+        h = torch.eye(3, device=device).expand(*lead, 3, 3).clone()
+        h[..., :2, :] += noise(*lead, 2, 3, scale=0.1)
+        h[..., 2, :2] += noise(*lead, 2, scale=0.02)
+        return [h]
+    if family == "basis":
+        tps = get_transform("tps", grid_size=TPS_GRID)
+        theta = tps.identity().to(device) + noise(case.N * case.K, tps.num_params, scale=0.05)
+        form = tps.kernel_form(theta, (case.Ho, case.Wo))
+        return [form.m.reshape(*lead, 2, form.basis.shape[0])]
+    raise ValueError(f"family: expected affine, projective or basis, got {family!r}")
+
+
+def basis_dim():
+    """D of the thin plate spline basis: 1, x, y and one radial term per control point."""
+    return get_transform("tps", grid_size=TPS_GRID).num_params // 2 + 3
+
+
+def tps_basis(case, device):
+    """The (fixed) thin plate spline basis (D, Ho*Wo), float32, for ``align_corners=False``."""
+    tps = get_transform("tps", grid_size=TPS_GRID)
+    return tps.kernel_form(tps.identity()[None].to(device), (case.Ho, case.Wo)).basis.contiguous()
+
+
+# --- helpers shared by the unfused providers -------------------------------------------------------
+
+def repeat_k(x, K):
+    """x (N, C, H, W) -> (N*K, C, H, W), image n repeated K times in a row, keeping x's layout.
+
+    This is what a user of ``F.grid_sample`` does to apply K transforms to one image (one copy of
+    the input per transform); it is part of the unfused providers' timed work.
+    """
+    if K == 1:
+        return x
+    N, C, H, W = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        nhwc = x.permute(0, 2, 3, 1)[:, None].expand(N, K, H, W, C).reshape(N * K, H, W, C)
+        return nhwc.permute(0, 3, 1, 2)
+    return x[:, None].expand(N, K, C, H, W).reshape(N * K, C, H, W)
+
+
+def _unflatten_k(out, case):
+    return out if case.K == 1 else out.unflatten(0, (case.N, case.K))
+
+
+def _theta_flat(theta, case):
+    return theta.reshape(case.N * case.K, 2, 3)
+
+
+def _eager_apply(case, align_corners):
+    def apply(x, leaves):
+        (theta,) = leaves  # already in x's dtype (F.grid_sample wants the grid in the input's dtype)
+        xs = repeat_k(x, case.K)
+        grid = F.affine_grid(_theta_flat(theta, case), (case.N * case.K, case.C, case.Ho, case.Wo),
+                             align_corners=align_corners)
+        return _unflatten_k(F.grid_sample(xs, grid, align_corners=align_corners), case)
+
+    return apply
+
+
+def _theta_in_input_dtype(params, x, case):
+    return [params[0].to(x.dtype)]
+
+
+def theta_to_kornia(theta, in_size, out_size, align_corners=False):
+    """Normalised theta (affine_grid's: output -> input) -> kornia's pixel matrix M (input -> output).
+
+    kornia's ``warp_affine(src, M, dsize, align_corners=ac)`` normalises M with its own pixel <->
+    normalised matrices S(size) (``normalize_homography``) and samples with
+    ``affine_grid(inverse(S_out M S_in^-1))``. Asking that inverse to be T = [theta; 0 0 1] gives
+    ``M = S_out^-1 T^-1 S_in``, which is exactly kornia's ``denormalize_homography(T^-1, in, out)``;
+    using kornia's own function keeps the conversion right for the convention of the installed
+    version (kornia >= 0.9 forwards ``align_corners`` to it; earlier versions are corner-aligned).
+    """
+    import inspect
+
+    from kornia.geometry.conversions import denormalize_homography
+
+    flat = theta.detach().reshape(-1, 2, 3).double()
+    T = torch.cat([flat, flat.new_tensor([0.0, 0.0, 1.0]).expand(flat.shape[0], 1, 3)], dim=1)  # (B, 3, 3)
+    kw = {}
+    if "align_corners" in inspect.signature(denormalize_homography).parameters:
+        kw["align_corners"] = align_corners
+    M = denormalize_homography(torch.linalg.inv(T), tuple(in_size), tuple(out_size), **kw)
+    return M[:, :2, :].to(theta.dtype).reshape(theta.shape)
+
+
+def _kornia_prepare(params, x, case):
+    # kornia wants M in the input's dtype (else grid_sample sees mixed dtypes)
+    return [theta_to_kornia(params[0], (case.H, case.W), (case.Ho, case.Wo)).to(x.dtype)]
+
+
+def _kornia_apply(case, dtype, device):
+    from kornia.geometry.transform import warp_affine
+
+    def apply(x, leaves):
+        (M,) = leaves
+        out = warp_affine(repeat_k(x, case.K), M.reshape(case.N * case.K, 2, 3), (case.Ho, case.Wo),
+                          align_corners=False)
+        return _unflatten_k(out, case)
+
+    return apply
+
+
+def _compile_apply(case, dtype, device):
+    # A fresh compilation per case and dtype: dynamo keys its cache on the code object shared by
+    # every case's closure, and would fall back to eager after a few recompilations.
+    torch._dynamo.reset()
+    return torch.compile(_eager_apply(case, align_corners=False), dynamic=False)
+
+
+def _basis_apply(case, dtype, device):
+    basis = tps_basis(case, device)
+
+    def apply(x, leaves):
+        return st.basis_sample(x, leaves[0], basis, (case.Ho, case.Wo))
+
+    return apply
+
+
+def _grid_apply(case, dtype, device):
+    def apply(x, leaves):
+        (theta,) = leaves
+        grid = F.affine_grid(_theta_flat(theta, case), (case.N * case.K, case.C, case.Ho, case.Wo), align_corners=False)
+        grid = grid if case.K == 1 else grid.unflatten(0, (case.N, case.K))  # (N, K, Ho, Wo, 2): one launch
+        return st.grid_sample(x, grid)  # float32 grid, any input dtype
+
+    return apply
+
+
+PROVIDERS = {p.name: p for p in (
+    Provider("ours-affine", "st.affine_sample: affine grid made inside the fused kernel", "affine", True,
+             lambda case, dtype, device: lambda x, leaves: st.affine_sample(x, leaves[0], (case.Ho, case.Wo))),
+    Provider("ours-projective", "st.projective_sample: homography, fused", "projective", True,
+             lambda case, dtype, device: lambda x, leaves: st.projective_sample(x, leaves[0], (case.Ho, case.Wo))),
+    Provider("ours-basis", "st.basis_sample: 4x4 thin plate spline M @ B, B read by the kernel", "basis", True,
+             _basis_apply),
+    Provider("ours-grid", "st.grid_sample on F.affine_grid's grid (grid made by PyTorch, sampled by us)",
+             "affine", True, _grid_apply),
+    Provider("eager", "PyTorch eager F.affine_grid + F.grid_sample, align_corners=False (the baseline)",
+             "affine", False, lambda case, dtype, device: _eager_apply(case, False), prepare=_theta_in_input_dtype),
+    Provider("eager-ac", "PyTorch eager F.affine_grid + F.grid_sample, align_corners=True (cuDNN for fp32/fp16)",
+             "affine", False, lambda case, dtype, device: _eager_apply(case, True), prepare=_theta_in_input_dtype),
+    Provider("compile", "torch.compile of the eager pair (align_corners=False)", "affine", False, _compile_apply,
+             prepare=_theta_in_input_dtype, cpu_default=False),
+    Provider("kornia", "kornia.geometry.transform.warp_affine, theta converted to pixel matrices", "affine", False,
+             _kornia_apply, prepare=_kornia_prepare, requires="kornia"),
+)}
