@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import report
+from . import report, sass, static
 from .cases import CPU_DEFAULT_BATCH_SCALE, CPU_DEFAULT_CASES, DTYPES, NAMED, canonical_dtype, parse_case_spec
 from .providers import PROVIDERS
 from .runner import MODE_HELP, MODES, RunConfig, run
@@ -75,6 +75,16 @@ def parser():
                    help="time launch-bound cases with plain events, not inside a CUDA graph")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="print the cases, providers and modes, then exit")
+    g = p.add_argument_group("compile-only report (no GPU needed)")
+    g.add_argument("--static", action="store_true",
+                   help="compile every kernel the launchers would launch for the cases (ours-* providers) for an "
+                        "H100/H200 without running anything, and report registers, spills, occupancy, SASS mix, "
+                        "loops and a modelled issue time beside the DRAM floor, under OUT/static/ (a model, not a "
+                        "measurement)")
+    g.add_argument("--arch", choices=list(sass.ARCHS), default="sm_90", help="--static: the GPU to compile for")
+    g.add_argument("--triton", default=static.TRITON_VERSION, metavar="VERSION",
+                   help=f"--static: the Triton to compile with (installed once into ~/.cache/stn-triton when the "
+                        f"environment has another; default {static.TRITON_VERSION}, the GPU machines')")
     return p
 
 
@@ -137,6 +147,8 @@ def main(argv=None):
     if args.list:
         print(list_text())
         return 0
+    if args.static:
+        return main_static(args, p, argv)
     cfg = config(args, p)
     if cfg.device.type == "cuda":
         torch.cuda.set_device(cfg.device)  # Triton launches on the current device
@@ -164,4 +176,35 @@ def main(argv=None):
     print("wrote " + ", ".join(str(v) for v in paths.values()))
     if cfg.device.type != "cuda":
         print(f"WARNING: {report.CPU_WARNING}", file=sys.stderr)
+    return 0
+
+
+def main_static(args, p, argv):
+    """``--static``: compile-only report for the cases (every named case by default)."""
+    if args.cases is not None:
+        names = args.cases
+    else:
+        names = [] if args.case_spec else list(NAMED)
+    scale = args.batch_scale or 1.0
+    cases = [NAMED[n].scaled(scale) for n in dict.fromkeys(names)] + list(args.case_spec)
+    if args.providers:
+        wrong = [n for n in args.providers if n not in static.FORMS]
+        if wrong:
+            p.error(f"--providers: --static compiles this library's kernels only ({', '.join(static.FORMS)}), "
+                    f"not {', '.join(wrong)}")
+        forms = [static.FORMS[n] for n in dict.fromkeys(args.providers)]
+    else:
+        forms = list(static.FORMS.values())
+    try:
+        meta, rows, targets = static.run(cases, list(dict.fromkeys(args.dtypes)), forms,
+                                         list(dict.fromkeys(args.modes)), arch=args.arch, version=args.triton,
+                                         argv=argv if argv is not None else sys.argv[1:])
+    except static.StaticError as e:
+        print(f"stn-bench --static: {e}", file=sys.stderr)
+        return 2
+    paths = static.write(args.out, meta, rows, targets)
+    text = static.markdown(meta, rows, targets)
+    print(text.split("\n## Per launch")[0].rstrip())
+    print(f"\nper-launch details in {paths['md']}")
+    print("wrote " + ", ".join(str(v) for v in paths.values()))
     return 0

@@ -57,6 +57,10 @@ def _forward(form, x, params, size, mode, padding_mode, align_corners):
         with torch.no_grad():
             ref = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
         return sampler.new_output(x, ref.shape[1], *size).copy_(ref)  # the layout the fake promises
+    return _kernel_forward(form, x, params, size, mode, padding_mode, align_corners)
+
+
+def _kernel_forward(form, x, params, size, mode, padding_mode, align_corners):
     prm, aux, D, _ = _kernel_params(form, params)
     return sampler.sample_forward(form, x, prm, aux, _num_k(form, params), size[0], size[1], D,
                                   mode, padding_mode, align_corners)

@@ -1,0 +1,233 @@
+"""Compile-only run of the launchers, inside a process whose ``triton`` is the one to report on.
+
+``python -m benchmarks._static_worker SPEC.json OUT.json`` (started by :mod:`benchmarks.static`):
+
+1. installs a fake Triton driver that reports ``GPUTarget("cuda", <arch>, 32)`` and launches nothing,
+2. calls this library's real launchers (``ops._kernel_forward`` / ``ops._kernel_backward``) on meta
+   tensors of each case's shapes, recording every Triton launch (kernel, grid, arguments, compiled
+   cubin) and every PyTorch operation that would launch a kernel (fills, casts, sums, sorts),
+3. disassembles each distinct cubin with the ``nvdisasm`` / ``cuobjdump`` that ship with that Triton
+   and writes what it found as JSON.
+
+Nothing here needs a GPU; everything here is a model of what one would run.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.driver import DriverBase  # noqa: E402
+from triton.runtime.driver import driver  # noqa: E402
+
+LOG = []  # what the current job launched, in order
+
+
+class _Function:
+    """What ``load_binary`` hands the launcher in place of a CUfunction: the kernel's name and cubin."""
+
+    def __init__(self, name, cubin):
+        self.name, self.cubin = name, cubin
+
+
+class _Launcher:
+    def __init__(self, src, metadata):
+        self.src, self.metadata = src, metadata
+
+    def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook, *args):
+        names = list(self.src.fn.arg_names)
+        values = {n: (v if isinstance(v, (int, float, bool)) else None) for n, v in zip(names, args)}
+        args = {k: v for k, v in values.items() if v is not None}
+        grid = [int(gx), int(gy), int(gz)]
+        LOG.append({
+            "kind": "triton", "name": function.name, "cubin": function.cubin, "grid": grid,
+            "num_warps": int(self.metadata.num_warps), "shared": int(self.metadata.shared),
+            "hash": self.metadata.hash, "args": args, "hints": _hints(function.name, args, grid),
+        })
+
+
+def _hints(name, args, grid):
+    """What only the launcher knows: programs that return at once, data-dependent loop trips."""
+    from stn_triton.kernels import sampler
+
+    hook = getattr(sampler, "static_hints", None)
+    return hook(name, args, grid) if hook else {}
+
+
+class _Utils:
+    def __init__(self, arch):
+        self.arch = arch
+
+    def load_binary(self, name, kernel, shared, device):
+        return None, _Function(name, kernel), 0, 0, 1024
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448 if self.arch >= 90 else 166912, "multiprocessor_count": 132,
+                "max_num_regs": 65536, "warpSize": 32}
+
+
+class FakeDriver(DriverBase):
+    """Reports a CUDA GPU of the given compute capability; launching records instead of running."""
+
+    def __init__(self, arch):
+        self.arch = arch
+        self.utils = _Utils(arch)
+        self.launcher_cls = _Launcher
+
+    @classmethod
+    def is_active(cls):
+        return False
+
+    def map_python_to_cpp_type(self, ty):
+        return ty
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("meta")
+
+    def get_benchmarker(self):
+        raise RuntimeError("a static (compile-only) run cannot time anything")
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_device_capability(self, device=0):
+        return divmod(self.arch, 10)
+
+
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "alias",
+              "lift_fresh", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+              "is_same_size", "_has_compatible_shallow_copy_type"}
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+class RecordTorchOps(TorchDispatchMode):
+    """Every ATen operation that would launch a CUDA kernel (not views, not allocations)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_LAUNCH:
+            flat_in = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            flat_out = [a for a in torch.utils._pytree.tree_leaves(out) if isinstance(a, torch.Tensor)]
+            reads = sum(_nbytes(t) for t in flat_in if not (name.endswith("_") and t is flat_in[0]))
+            writes = sum(_nbytes(t) for t in flat_out)
+            if name in ("fill_", "zero_", "zeros", "zeros_like", "full", "full_like", "ones", "ones_like"):
+                reads = 0
+            LOG.append({"kind": "torch", "name": str(func), "bytes": int(reads + writes)})
+        return out
+
+
+def _meta_case(job):
+    N, C, H, W, Ho, Wo, K = (job[k] for k in ("N", "C", "H", "W", "Ho", "Wo", "K"))
+    dtype = getattr(torch, job["dtype"])
+    meta = torch.device("meta")
+    if job["layout"] == "channels_last":
+        x = torch.empty(N, H, W, C, dtype=dtype, device=meta).permute(0, 3, 1, 2)
+    else:
+        x = torch.empty(N, C, H, W, dtype=dtype, device=meta)
+    f32 = dict(dtype=torch.float32, device=meta)
+    form = job["form"]
+    if form == "affine":
+        params = [torch.empty(N, K, 2, 3, **f32)]
+    elif form == "projective":
+        params = [torch.empty(N, K, 3, 3, **f32)]
+    elif form == "basis":
+        D = job.get("D", 19)
+        params = [torch.empty(N, K, 2, D, **f32), torch.empty(D, Ho * Wo, **f32)]
+    else:
+        params = [torch.empty(N, K, Ho, Wo, 2, **f32)]
+    return x, params, [Ho, Wo]
+
+
+def run_job(job):
+    """The launches of one (case, dtype, form, mode), as the library's own launchers make them."""
+    from stn_triton import ops
+    from stn_triton.kernels import sampler
+
+    x, params, size = _meta_case(job)
+    opts = (job.get("sampling", "bilinear"), job.get("padding_mode", "zeros"), bool(job.get("align_corners", False)))
+    steps = {"fwd": ["fwd"], "bwd": ["bwd"], "fwd+bwd": ["fwd", "bwd"], "bwd-det": ["bwd-det"]}[job["mode"]]
+    out = []
+    for step in steps:
+        LOG.clear()
+        det = step == "bwd-det"
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(det)
+        try:
+            if step == "fwd":
+                with RecordTorchOps():
+                    ops._kernel_forward(job["form"], x, params, size, *opts)
+            else:
+                grad_out = sampler.new_output(x, params[0].shape[1], *size)
+                needs = [True, True] + [False] * (len(params) - 1)  # input and theta/h/m/grid (the basis is fixed)
+                with RecordTorchOps():
+                    ops._kernel_backward(job["form"], grad_out, x, params, size, *opts, needs)
+        finally:
+            torch.use_deterministic_algorithms(before)
+        out.extend(dict(entry, step=step) for entry in LOG)
+    return out
+
+
+def _tool(name):
+    return triton.knobs.nvidia.__getattribute__(name).path
+
+
+def analyse(cubin):
+    """nvdisasm (with the line table) and cuobjdump's resource usage of one cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        sass = subprocess.run([_tool("nvdisasm"), "-c", "-g", path], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(path)
+    return {"sass": sass, "res_usage": res}
+
+
+def main(argv):
+    spec_path, out_path = argv
+    with open(spec_path) as f:
+        spec = json.load(f)
+    driver.set_active(FakeDriver(int(spec["arch"])))
+    torch.set_default_device(None)
+    results, kernels = [], {}
+    for job in spec["jobs"]:
+        try:
+            launches = run_job(job)
+        except Exception as e:  # a kernel that does not compile is a finding, not a crash
+            results.append({"job": job, "error": f"{type(e).__name__}: {e}"})
+            continue
+        for entry in launches:
+            if entry["kind"] == "triton":
+                cubin = entry.pop("cubin")
+                if entry["hash"] not in kernels:
+                    kernels[entry["hash"]] = analyse(cubin)
+        results.append({"job": job, "launches": launches})
+    with open(out_path, "w") as f:
+        json.dump({"triton": triton.__version__, "torch": torch.__version__, "arch": spec["arch"],
+                   "results": results, "kernels": kernels}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
