@@ -55,9 +55,9 @@ class _Launcher:
 
 def _hints(name, args, grid):
     """What only the launcher knows: programs that return at once, data-dependent loop trips."""
-    from stn_triton.kernels import sampler
+    from stn_triton.kernels import launch
 
-    hook = getattr(sampler, "static_hints", None)
+    hook = getattr(launch, "static_hints", None)
     return hook(name, args, grid) if hook else {}
 
 
@@ -161,7 +161,7 @@ def _meta_case(job):
 def run_job(job):
     """The launches of one (case, dtype, form, mode), as the library's own launchers make them."""
     from stn_triton import ops
-    from stn_triton.kernels import sampler
+    from stn_triton.kernels import launch
 
     x, params, size = _meta_case(job)
     opts = (job.get("sampling", "bilinear"), job.get("padding_mode", "zeros"), bool(job.get("align_corners", False)))
@@ -177,7 +177,7 @@ def run_job(job):
                 with RecordTorchOps():
                     ops._kernel_forward(job["form"], x, params, size, *opts)
             else:
-                grad_out = sampler.new_output(x, params[0].shape[1], *size)
+                grad_out = launch.new_output(x, params[0].shape[1], *size)
                 needs = [True, True] + [False] * (len(params) - 1)  # input and theta/h/m/grid (the basis is fixed)
                 with RecordTorchOps():
                     ops._kernel_backward(job["form"], grad_out, x, params, size, *opts, needs)

@@ -137,16 +137,11 @@ def parse_nvdisasm(text):
     return functions
 
 
-def useful(instrs):
-    """Drop padding: NOPs and the closing ``BRA`` to itself that ends every kernel."""
-    out = []
-    for i in instrs:
-        if i.base == "NOP":
-            continue
-        out.append(i)
-    while out and out[-1].base == "BRA" and out[-1].target is not None and not out[-1].predicated:
-        out.pop()
-    return out
+def useful(func):
+    """A function's instructions without padding: NOPs and the closing ``BRA`` to itself."""
+    return [i for i in func.instrs
+            if i.base != "NOP" and not (i.base == "BRA" and i.target is not None
+                                        and func.labels.get(i.target) == i.addr)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,6 +241,7 @@ class Loop:
     trips: float = None
     trips_note: str = ""
     children: list = field(default_factory=list)
+    source_key: tuple = None
 
     @property
     def size(self):
@@ -284,24 +280,22 @@ def _for_nodes(path):
 
 
 def name_loops(loops, instrs):
-    """Attach each SASS loop to the ``for`` statement whose line its own (not nested) instructions carry."""
-    for lp in loops:
-        inner = set()
-        for other in loops:
-            if other is not lp and lp.start <= other.start and other.end <= lp.end:
-                inner.update(range(other.start, other.end + 1))
-                lp.children.append(other)
+    """Attach each SASS loop to the ``for`` statement it compiles: the most frequent ``for`` line among
+    its instructions, not counting lines already claimed by the loops nested in it (innermost first)."""
+    for lp in sorted(loops, key=lambda lp: lp.size):
+        nested = [o for o in loops if o is not lp and lp.start <= o.start and o.end <= lp.end]
+        lp.children = nested
+        claimed = {o.source_key for o in nested if getattr(o, "source_key", None)}
         votes = {}
         for n in range(lp.start, lp.end + 1):
             i = instrs[n]
-            if n in inner or i.file is None:
+            if i.file is None or i.line not in _for_nodes(i.file) or (i.file, i.line) in claimed:
                 continue
-            fors = _for_nodes(i.file)
-            if i.line in fors:
-                votes[(i.file, i.line)] = votes.get((i.file, i.line), 0) + 1
+            votes[(i.file, i.line)] = votes.get((i.file, i.line), 0) + 1
         if votes:
             (path, line), _ = max(votes.items(), key=lambda kv: kv[1])
             args, _ = _for_nodes(path)[line]
+            lp.source_key = (path, line)
             lp.source = f"{path.rsplit('/', 1)[-1]}:{line} range({', '.join(args)})"
             lp.range_args = args
     return loops
@@ -317,7 +311,7 @@ def eval_trips(loop, names):
         loop.trips = max(0, len(range(*vals)))
         loop.trips_note = "from the launch's arguments"
     except Exception:  # a data-dependent bound (e.g. the most contributions any pixel gets)
-        hint = names.get("__trips__", {}).get(",".join(loop.range_args))
+        hint = names.get("__trips__", {}).get(", ".join(loop.range_args))
         if hint is not None:
             loop.trips, loop.trips_note = hint, "estimated from the case's geometry"
         else:

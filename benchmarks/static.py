@@ -150,7 +150,7 @@ def _variant(args):
 def analyse_kernel(name, disasm, arch):
     funcs = sass.parse_nvdisasm(disasm["sass"])
     func = funcs.get(name) or next(iter(funcs.values()))
-    instrs = sass.useful(func.instrs)
+    instrs = sass.useful(func)
     loops = sass.name_loops(sass.find_loops(func, instrs), instrs)
     res = sass.parse_res_usage(disasm["res_usage"]).get(func.name, {"reg": 0, "stack": 0, "shared": 0, "local": 0})
     return {"name": func.name, "func": func, "instrs": instrs, "loops": loops, "res": res, "mix": sass.mix(instrs)}

@@ -22,7 +22,7 @@ import torch
 
 from . import reference
 from ._backend import backend
-from .kernels import sampler
+from .kernels import launch
 
 _LIB = torch.library.Library("stn_triton", "FRAGMENT")  # autocast registrations live here
 _TAIL = "SymInt[] size, str mode, str padding_mode, bool align_corners"
@@ -56,13 +56,13 @@ def _forward(form, x, params, size, mode, padding_mode, align_corners):
     if backend(x) == "reference":
         with torch.no_grad():
             ref = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
-        return sampler.new_output(x, ref.shape[1], *size).copy_(ref)  # the layout the fake promises
+        return launch.new_output(x, ref.shape[1], *size).copy_(ref)  # the layout the fake promises
     return _kernel_forward(form, x, params, size, mode, padding_mode, align_corners)
 
 
 def _kernel_forward(form, x, params, size, mode, padding_mode, align_corners):
     prm, aux, D, _ = _kernel_params(form, params)
-    return sampler.sample_forward(form, x, prm, aux, _num_k(form, params), size[0], size[1], D,
+    return launch.sample_forward(form, x, prm, aux, _num_k(form, params), size[0], size[1], D,
                                   mode, padding_mode, align_corners)
 
 
@@ -95,7 +95,7 @@ def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_
     prm, aux, D, R = _kernel_params(form, params)
     need_x, need_p0 = needs[0], needs[1]
     need_basis = form == "basis" and needs[2]
-    grad_x, grad_prm, gg = sampler.sample_backward(
+    grad_x, grad_prm, gg = launch.sample_backward(
         form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_mode, align_corners,
         need_x=need_x, need_param=need_p0 and form != "grid", need_gg=(form == "grid" and need_p0) or need_basis,
     )
@@ -106,12 +106,12 @@ def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_
         g0 = grad_prm.reshape(p0.shape).to(p0.dtype) if need_p0 else None
     grads = [grad_x, g0]
     if form == "basis":
-        grads.append(sampler.basis_grad(prm, gg, D, Ho * Wo).to(params[1].dtype) if need_basis else None)
+        grads.append(launch.basis_grad(prm, gg, D, Ho * Wo).to(params[1].dtype) if need_basis else None)
     return grads
 
 
 def _fake_forward(form, x, params, size, mode, padding_mode, align_corners):
-    return sampler.new_output(x, _num_k(form, params), size[0], size[1])
+    return launch.new_output(x, _num_k(form, params), size[0], size[1])
 
 
 def _fake_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):

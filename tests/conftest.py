@@ -4,6 +4,8 @@
   here, before anything imports triton (the README's test command sets it too).
 - Every buffer a kernel is supposed to fill is poisoned first (NaN for floats, a huge value for
   integers), so an element a kernel forgets to write fails the comparison.
+- Triton's interpreter gets bfloat16 ``atomic_add`` (``_interpreter_atomics``), so the kernels' own
+  bfloat16 gradient accumulation runs under it as it does compiled.
 """
 
 import os
@@ -15,7 +17,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from stn_triton.kernels import sampler  # noqa: E402
+from stn_triton.kernels import launch  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import _interpreter_atomics  # noqa: E402
+
+    _interpreter_atomics.install()  # the interpreter has no bf16 atomics; see that module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -28,7 +35,7 @@ def _poison(t):
 
 @pytest.fixture(autouse=True)
 def poison_new_buffers(monkeypatch):
-    monkeypatch.setattr(sampler, "fill_new", _poison)
+    monkeypatch.setattr(launch, "fill_new", _poison)
 
 
 @pytest.fixture

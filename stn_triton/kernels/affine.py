@@ -12,7 +12,7 @@ Serves the ``attention`` and ``affine`` families. The base grid ``(x_p, y_p)`` i
     b_p = [x_p, y_p, 1]
 
 ``gg_x``/``gg_y`` below are :math:`\\bar g_x, \\bar g_y`, the gradient of the loss wrt the
-normalised coordinate; each program writes the sum over its pixels (stage one of a fixed-order,
+normalised coordinate; each program writes the sums over its pixels (stage one of a fixed-order,
 two-stage reduction; the host sums the partials).
 """
 
@@ -35,11 +35,7 @@ def affine_coords(p_m, x, y):
 
 
 @triton.jit
-def affine_param_grad(p_part, x, y, gg_x, gg_y):
-    # p_part: float32 [6], this program's partial dL/dM; gg_x, gg_y: [BLOCK_P], 0 off the image
-    tl.store(p_part + 0, tl.sum(gg_x * x, axis=0))
-    tl.store(p_part + 1, tl.sum(gg_x * y, axis=0))
-    tl.store(p_part + 2, tl.sum(gg_x, axis=0))
-    tl.store(p_part + 3, tl.sum(gg_y * x, axis=0))
-    tl.store(p_part + 4, tl.sum(gg_y * y, axis=0))
-    tl.store(p_part + 5, tl.sum(gg_y, axis=0))
+def affine_param_terms(a0, a1, a2, a3, a4, a5, x, y, gg_x, gg_y):
+    # the six per-pixel terms of dL/dM, added to the running sums a0..a5 [BLOCK_P] (summed over the
+    # program's pixels at its end); gg_x, gg_y: [BLOCK_P], 0 off the image
+    return a0 + gg_x * x, a1 + gg_x * y, a2 + gg_x, a3 + gg_y * x, a4 + gg_y * y, a5 + gg_y

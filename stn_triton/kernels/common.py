@@ -102,7 +102,7 @@ def round_half_even(v):
 
 
 @triton.jit
-def bilinear_corners(ix, iy, W, H):
+def bilinear_corners(ix, iy, W, H, INT64: tl.constexpr):
     """The four bilinear neighbours of (ix, iy): integer corners, weights, in-bounds masks.
 
     .. math::
@@ -117,8 +117,9 @@ def bilinear_corners(ix, iy, W, H):
     ty = iy - fy0  # i_y - y_0
     sx = 1.0 - tx  # x_1 - i_x
     sy = 1.0 - ty  # y_1 - i_y
-    x0 = fx0.to(tl.int64)
-    y0 = fy0.to(tl.int64)
+    # integer corners: int32 unless offsets need 64 bits (|i| < 2^30 after source_index)
+    x0 = fx0.to(tl.int64) if INT64 else fx0.to(tl.int32)
+    y0 = fy0.to(tl.int64) if INT64 else fy0.to(tl.int32)
     x1 = x0 + 1
     y1 = y0 + 1
     in_x0 = (x0 >= 0) & (x0 < W)
@@ -126,3 +127,16 @@ def bilinear_corners(ix, iy, W, H):
     in_y0 = (y0 >= 0) & (y0 < H)
     in_y1 = (y1 >= 0) & (y1 < H)
     return x0, y0, tx, ty, sx, sy, in_x0, in_x1, in_y0, in_y1
+
+
+
+@triton.jit
+def store_sums(p, v0, v1, v2, v3, v4, v5, N_SUMS: tl.constexpr = 6):
+    """``p[r] = sum(v_r)`` for the first N_SUMS of six [BLOCK_P] vectors (a program's partial sums)."""
+    tl.store(p + 0, tl.sum(v0, axis=0))
+    tl.store(p + 1, tl.sum(v1, axis=0))
+    tl.store(p + 2, tl.sum(v2, axis=0))
+    if N_SUMS > 3:
+        tl.store(p + 3, tl.sum(v3, axis=0))
+        tl.store(p + 4, tl.sum(v4, axis=0))
+        tl.store(p + 5, tl.sum(v5, axis=0))

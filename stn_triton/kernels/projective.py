@@ -38,17 +38,11 @@ def projective_coords(p_h, x, y):
 
 
 @triton.jit
-def projective_param_grad(p_part, x, y, gx, gy, w, gg_x, gg_y, mask_p):
-    # p_part: float32 [9]; gx, gy, w: [BLOCK_P] from projective_coords; mask_p: pixel exists
+def projective_param_terms(a0, a1, a2, a3, a4, a5, a6, a7, a8, x, y, gx, gy, w, gg_x, gg_y, mask_p):
+    # the nine per-pixel terms of dL/dH added to the running sums a0..a8 [BLOCK_P]; gx, gy, w from
+    # projective_coords; mask_p: pixel exists
     g_u = tl.where(mask_p, gg_x / w, 0.0)
     g_v = tl.where(mask_p, gg_y / w, 0.0)
     g_w = tl.where(mask_p, -(gg_x * gx + gg_y * gy) / w, 0.0)
-    tl.store(p_part + 0, tl.sum(g_u * x, axis=0))
-    tl.store(p_part + 1, tl.sum(g_u * y, axis=0))
-    tl.store(p_part + 2, tl.sum(g_u, axis=0))
-    tl.store(p_part + 3, tl.sum(g_v * x, axis=0))
-    tl.store(p_part + 4, tl.sum(g_v * y, axis=0))
-    tl.store(p_part + 5, tl.sum(g_v, axis=0))
-    tl.store(p_part + 6, tl.sum(g_w * x, axis=0))
-    tl.store(p_part + 7, tl.sum(g_w * y, axis=0))
-    tl.store(p_part + 8, tl.sum(g_w, axis=0))
+    return (a0 + g_u * x, a1 + g_u * y, a2 + g_u, a3 + g_v * x, a4 + g_v * y, a5 + g_v,
+            a6 + g_w * x, a7 + g_w * y, a8 + g_w)

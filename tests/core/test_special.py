@@ -172,16 +172,16 @@ def test_deterministic_channels_last_bf16(device, deterministic):
 
 
 def test_input_grad_skipped_when_not_required(device, monkeypatch):
-    from stn_triton.kernels import sampler
+    from stn_triton.kernels import launch
 
     seen = {}
-    real = sampler.sample_backward
+    real = launch.sample_backward
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sampler, "sample_backward", spy)
+    monkeypatch.setattr(launch, "sample_backward", spy)
     x = torch.randn(1, 2, 5, 6, device=device)
     theta = torch.eye(2, 3, device=device)[None].requires_grad_()
     (g,) = torch.autograd.grad(st.affine_sample(x, theta).sum(), theta)

@@ -1,0 +1,193 @@
+"""The launcher's choices, each run through the kernels and checked against the float64 oracle:
+several row tiles per backward program, 64-bit indexing, batches split for the grid's limit,
+half-precision gradient accumulation, launch shapes, and the compile-only hints."""
+
+import pytest
+import torch
+
+import stn_triton as st
+from stn_triton.kernels import launch
+from _cases import FORMS, MODES, assert_close, make_input, make_params, oracle, run
+from test_sampling import check_case, gen_for
+
+
+@pytest.fixture
+def many_tiles_per_program(monkeypatch):
+    """Several row tiles per backward program even for tiny cases (normally only for big ones)."""
+    monkeypatch.setattr(launch, "TPP_MIN_PROGRAMS", 1)
+    seen = []
+    real = launch.tiles_per_program
+    monkeypatch.setattr(launch, "tiles_per_program", lambda *a: seen.append(real(*a)) or seen[-1])
+    return seen
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", ["affine", "projective", "grid"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_several_tiles_per_program(request, device, many_tiles_per_program, form, mode, layout):
+    """37 rows of 8-row tiles: columns of 4 tiles, the last one short; parameter sums over all of them."""
+    check_case(request, device, form, mode, "zeros", False, torch.float32, layout, shape=(2, 3, 20, 33), K=2,
+               size=(37, 13))
+    assert max(many_tiles_per_program) == launch.TPP_MAX
+
+
+def test_tiles_per_program_choice():
+    x = torch.empty(64, 3, 448, 448, device="meta")
+    p = launch.plan(x, 224, 224)
+    assert (p.tile_w, p.tile_h(), p.n_ctiles, p.log2_ct) == (32, 8, 7, 3)
+    assert launch.tiles_per_program("affine", p, 3, 4, 64) == 4  # CUB-like: 14336 programs of 4 tiles
+    assert launch.tiles_per_program("basis", p, 3, 4, 64) == 1  # the basis form reduces per tile
+    assert launch.tiles_per_program("affine", p, 256, 1, 64) == 1  # many channels: the loop dominates
+    assert launch.tiles_per_program("affine", p, 3, 1, 1) == 1  # too few programs to group
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("form", FORMS)
+def test_int64_indexing(request, device, monkeypatch, form, mode):
+    """The 64-bit index path (taken past 2^31 elements) computes the same, forward and backward."""
+    monkeypatch.setattr(launch, "FORCE_INT64", True)
+    check_case(request, device, form, mode, "border", True, torch.float32, "strided")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_int64_deterministic(request, device, monkeypatch, mode):
+    monkeypatch.setattr(launch, "FORCE_INT64", True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        check_case(request, device, "affine", mode, "zeros", False, torch.float32, "channels_last")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("form", FORMS)
+def test_batch_split_for_grid_limit(request, device, monkeypatch, form, deterministic):
+    """A batch past the grid's third dimension is launched in slices (here slices of 2 of 5 images)."""
+    monkeypatch.setattr(launch, "MAX_GRID_YZ", 2)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_case(request, device, form, "bilinear", "reflection", False, torch.float32, "contiguous",
+                   shape=(5, 2, 6, 7), K=2, size=(4, 5))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_too_many_transforms_per_image(device, monkeypatch):
+    monkeypatch.setattr(launch, "MAX_GRID_YZ", 2)
+    x = torch.randn(1, 1, 4, 4, device=device)
+    theta = torch.eye(2, 3, device=device).expand(1, 3, 2, 3)
+    with pytest.raises(ValueError, match=r"theta: at most 2 transforms per image \(K\).* got 3"):
+        st.affine_sample(x, theta, (2, 2))
+
+
+# --- half-precision accumulation of the input gradient ---------------------------------------------
+
+HALF = {"f16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
+def test_half_accumulation_channels_last(request, device, monkeypatch, dtype, mode):
+    """Channels-last half inputs with whole 16-byte channel vectors accumulate dL/dU in their own dtype
+    (vector atomics). Each addition rounds to the dtype, so an input pixel's error is up to a rounding
+    of its largest partial sum per contribution (~4.5 here), absolute: where contributions cancel the
+    relative error of the small result is large. Twice the dtype's tolerance covers that."""
+    seen = []
+    real = launch.half_accumulation
+    monkeypatch.setattr(launch, "half_accumulation", lambda *a: seen.append(real(*a)) or seen[-1])
+    check_case(request, device, "affine", mode, "zeros", False, dtype, "channels_last", shape=(2, 16, 9, 11),
+               K=2, size=(7, 8), tol_scale=2.0)
+    assert seen == [True]
+
+
+def test_half_accumulation_choice():
+    def choose(dtype, C, size, layout="channels_last", K=1, mode="bilinear", H=56, W=56):
+        x = torch.empty(2, C, H, W, dtype=dtype, device="meta")
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        p = launch.plan(x, *size)
+        return launch.half_accumulation(x, K, *size, mode, p)
+
+    assert choose(torch.bfloat16, 256, (56, 56))  # 4 contributions per input pixel
+    assert choose(torch.bfloat16, 8, (28, 28), K=4)  # down-sampling, 4 transforms
+    assert not choose(torch.bfloat16, 256, (224, 224), K=2)  # 4 * 2 * 16 = 128 contributions: float32
+    assert not choose(torch.float32, 256, (56, 56))  # float32 accumulates in place anyway
+    assert not choose(torch.bfloat16, 256, (56, 56), layout="nchw")  # no vectors: never scalar bf16 atomics
+    assert not choose(torch.bfloat16, 12, (56, 56))  # a partial vector of channels
+    assert choose(torch.float16, 16, (112, 112), mode="nearest")  # 4 contributions of one corner each
+
+
+@pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
+def test_half_accumulation_error_on_zoom_in(device, monkeypatch, dtype):
+    """Where many contributions meet one input pixel, accumulating in bf16/fp16 loses accuracy that a
+    float32 buffer keeps: measured here against float64 on a 6x zoom-in (~144 contributions per
+    pixel). The launcher picks the float32 buffer there; forced to accumulate in half, the error is
+    several times larger."""
+    gen = torch.Generator().manual_seed(21)
+    x = make_input((1, 8, 6, 6), dtype, "channels_last", device, gen).requires_grad_()
+    theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], device=device)
+    size = (36, 36)
+    grad_out = torch.randn(1, 8, *size, generator=gen).to(device, dtype)
+    ref, x64, _ = oracle("affine", x, (theta[:, None],), size, "bilinear", "zeros", False)
+    (want,) = torch.autograd.grad(ref, x64, grad_out.double().cpu()[:, None])
+
+    def rel_error():
+        (g,) = torch.autograd.grad(st.affine_sample(x, theta, size), x, grad_out)
+        return ((g.double().cpu() - want).norm() / want.norm()).item()
+
+    float32_buffer = rel_error()
+    monkeypatch.setattr(launch, "HALF_ACCUMULATE_MAX_CONTRIBUTIONS", float("inf"))
+    in_half = rel_error()
+    eps = torch.finfo(dtype).eps
+    assert float32_buffer < eps  # one rounding at the end
+    assert in_half > 2 * float32_buffer
+
+
+# --- launch shapes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("Ho,Wo,block_p,tile_w", [(224, 224, 256, 32), (28, 28, 256, 32), (56, 56, 128, 64),
+                                                   (5, 11, 256, 32), (1, 1, 128, 64), (300, 3, 256, 4)])
+def test_tile_width_covers_with_least_padding(Ho, Wo, block_p, tile_w):
+    assert 1 << launch._tile_width(Ho, Wo, block_p) == tile_w
+
+
+def test_plan_planar_and_channels_last():
+    nchw = launch.plan(torch.empty(2, 3, 9, 9, device="meta"), 5, 5)
+    assert (nchw.block_c, nchw.block_p, nchw.even_c) == (1, 256, True)
+    cl = torch.empty(2, 12, 9, 9, dtype=torch.bfloat16, device="meta").contiguous(memory_format=torch.channels_last)
+    p = launch.plan(cl, 5, 5)
+    assert (p.block_c, p.block_p, p.even_c) == (8, 128, False)  # a 16-byte vector of bf16; 12 = 8 + 4
+    f32 = launch.plan(cl.float(), 5, 5)
+    assert f32.block_c == 4 and f32.even_c
+
+
+def test_autotune_only_on_compiled_cuda(monkeypatch):
+    p = launch.plan(torch.empty(2, 3, 64, 64, device="meta"), 64, 64)
+    assert launch._choices(p, torch.device("cpu")) == [(p.block_p, p.num_warps)]
+    configs = launch._configs(p)
+    assert configs[0] == (p.block_p, p.num_warps) and len(configs) == len(set(configs)) > 1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not launch._autotune_enabled(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(launch.AUTOTUNE_ENV, "0")
+    assert not launch._autotune_enabled(torch.device("cuda"))
+    monkeypatch.setenv(launch.AUTOTUNE_ENV, "1")
+    assert launch._autotune_enabled(torch.device("cuda"))
+
+
+def test_static_hints():
+    args = {"Wo": 224, "Ho": 224, "LOG2_TW": 5, "LOG2_CT": 3, "BLOCK_P": 256}
+    assert launch.static_hints("sample_fwd_kernel", args, [28 << 3, 4, 64]) == {"programs_with_work": 28 * 7 * 256}
+    bwd = launch.static_hints("sample_bwd_kernel", args, [7 << 3, 4, 64])
+    assert bwd["programs_with_work"] == 7 * 7 * 256 and bwd["trips"]["0, n_here"] == 4
+    gather = launch.static_hints("gather_grad_input_kernel", {"E": 1000, "H": 10, "W": 10}, [1, 1, 1])
+    assert gather["trips"]["0, n_max"] == 10
+
+
+def test_int64_decision():
+    small = torch.empty(2, 3, 8, 8, device="meta")
+    assert not launch._int64(small)
+    assert launch._int64(torch.empty(1, 1, 46341, 46341, device="meta"))  # 2^31 + elements
+    # a view whose elements are few but whose strides reach far
+    assert launch._int64(torch.empty(2**31 + 8, device="meta").as_strided((2, 2), (2**31, 1)))
+    assert launch._int64(small, extra=2**31)
