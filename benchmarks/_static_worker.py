@@ -53,11 +53,17 @@ class _Launcher:
         })
 
 
+def _launchers():
+    try:
+        from stn_triton.kernels import launch
+    except ImportError:  # revisions before the launchers had a module of their own (the first version)
+        from stn_triton.kernels import sampler as launch
+    return launch
+
+
 def _hints(name, args, grid):
     """What only the launcher knows: programs that return at once, data-dependent loop trips."""
-    from stn_triton.kernels import launch
-
-    hook = getattr(launch, "static_hints", None)
+    hook = getattr(_launchers(), "static_hints", None)
     return hook(name, args, grid) if hook else {}
 
 
@@ -161,9 +167,10 @@ def _meta_case(job):
 def run_job(job):
     """The launches of one (case, dtype, form, mode), as the library's own launchers make them."""
     from stn_triton import ops
-    from stn_triton.kernels import launch
 
+    launch = _launchers()
     x, params, size = _meta_case(job)
+    launch.STATIC_CHOICE = job.get("choice")  # None: the launchers' default shape
     opts = (job.get("sampling", "bilinear"), job.get("padding_mode", "zeros"), bool(job.get("align_corners", False)))
     steps = {"fwd": ["fwd"], "bwd": ["bwd"], "fwd+bwd": ["fwd", "bwd"], "bwd-det": ["bwd-det"]}[job["mode"]]
     out = []

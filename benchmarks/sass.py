@@ -279,19 +279,32 @@ def _for_nodes(path):
     return out
 
 
+def _innermost_for(path, line):
+    """The line of the innermost ``for`` statement of ``path`` whose extent holds ``line``, or None."""
+    best = None
+    for start, (_, end) in _for_nodes(path).items():
+        if start <= line <= end and (best is None or start > best):
+            best = start
+    return best
+
+
 def name_loops(loops, instrs):
-    """Attach each SASS loop to the ``for`` statement it compiles: the most frequent ``for`` line among
-    its instructions, not counting lines already claimed by the loops nested in it (innermost first)."""
+    """Attach each SASS loop to the ``for`` statement it compiles: the innermost ``for`` that holds the
+    most of its instructions' source lines (through the line table), not counting the loops nested in
+    it, which are named first."""
     for lp in sorted(loops, key=lambda lp: lp.size):
         nested = [o for o in loops if o is not lp and lp.start <= o.start and o.end <= lp.end]
         lp.children = nested
-        claimed = {o.source_key for o in nested if getattr(o, "source_key", None)}
+        inner = {n for o in nested for n in range(o.start, o.end + 1)}
+        claimed = {o.source_key for o in nested if o.source_key}
         votes = {}
         for n in range(lp.start, lp.end + 1):
             i = instrs[n]
-            if i.file is None or i.line not in _for_nodes(i.file) or (i.file, i.line) in claimed:
+            if n in inner or i.file is None:
                 continue
-            votes[(i.file, i.line)] = votes.get((i.file, i.line), 0) + 1
+            start = _innermost_for(i.file, i.line)
+            if start is not None and (i.file, start) not in claimed:
+                votes[(i.file, start)] = votes.get((i.file, start), 0) + 1
         if votes:
             (path, line), _ = max(votes.items(), key=lambda kv: kv[1])
             args, _ = _for_nodes(path)[line]

@@ -91,7 +91,7 @@ def _reference_backward(form, grad_out, x, params, size, mode, padding_mode, ali
 
 def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
     Ho, Wo = size
-    N, K = x.shape[0], _num_k(form, params)
+    K = _num_k(form, params)
     prm, aux, D, R = _kernel_params(form, params)
     need_x, need_p0 = needs[0], needs[1]
     need_basis = form == "basis" and needs[2]

@@ -3,8 +3,10 @@
 Launch shapes (:func:`plan`), chosen per case from the compile-only model (``stn-bench --static``,
 ``benchmarks/NOTES.md``):
 
-- planar inputs (NCHW, any strides): one channel per step (``BLOCK_C = 1``) and 256 pixels per
-  program, so the coordinate math runs once per pixel and the channel loop is a scalar pointer walk;
+- planar inputs (NCHW, any strides): one channel per step (``BLOCK_C = 1``), so the coordinate math
+  runs once per pixel and the channel loop is a scalar pointer walk; the forward takes 512 pixels per
+  program (4 per thread) when there are at most 4 channels and 128 otherwise, the backward 256, with
+  several row tiles per program when there are few channels (:func:`tiles_per_program`);
 - channels-last inputs: one 16-byte vector of channels per step (4 float32 or 8 half), one pixel per
   thread, 128 pixels per program.
 
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .basis import basis_grad_kernel
-from .common import MODE_BILINEAR, MODE_CODES, PADDING_CODES
+from .common import MODE_CODES, PADDING_CODES
 from .sampler import FORM_CODES, corner_index_kernel, gather_grad_input_kernel, sample_bwd_kernel, sample_fwd_kernel
 
 INT32_LIMIT = 2**31
@@ -161,15 +163,16 @@ def _tile_width(Ho, Wo, block_p, max_w=64):
     return best[1].bit_length() - 1
 
 
-def plan(x, Ho, Wo):
+def plan(x, Ho, Wo, backward=False):
     """The default launch shape for sampling ``x`` (N, C, H, W) to Ho x Wo (see the module doc)."""
     C = x.shape[1]
     if C > 1 and x.stride(1) == 1:  # channels innermost: a 16-byte vector of channels per thread
         block_c = min(triton.next_power_of_2(C), max(1, VECTOR_BYTES // x.element_size()))
-        block_p, num_warps = 128, 4
+        block_p = 128
     else:
-        block_c, block_p, num_warps = 1, 256, 4
-    return Plan(block_p, block_c, _tile_width(Ho, Wo, block_p), num_warps, C % block_c == 0, Ho, Wo)
+        block_c = 1
+        block_p = 256 if backward else (512 if C <= 4 else 128)
+    return Plan(block_p, block_c, _tile_width(Ho, Wo, block_p), 4, C % block_c == 0, Ho, Wo)
 
 
 # The autotuned alternatives: (pixels per program as a multiple of the default, warps). The first is the
@@ -195,8 +198,14 @@ def _autotune_enabled(device):
 _TUNED = {}  # (kernel, key) -> (block_p, num_warps): one benchmark per problem class
 
 
+STATIC_CHOICE = None  # the compile-only report sets an index into _configs to look at each candidate
+
+
 def _choices(p, device):
     """The (pixels per program, warps) candidates: all of :data:`TUNING` when autotuning, else the default."""
+    if STATIC_CHOICE is not None:
+        configs = _configs(p)
+        return [configs[min(STATIC_CHOICE, len(configs) - 1)]]
     return _configs(p) if _autotune_enabled(device) else [(p.block_p, p.num_warps)]
 
 
@@ -335,14 +344,28 @@ def half_accumulation(x, K, Ho, Wo, mode, p):
     N, C, H, W = x.shape
     if x.dtype not in (torch.float16, torch.bfloat16) or p.block_c * x.element_size() != VECTOR_BYTES:
         return False
-    if not p.even_c or x.stride(1) != 1:  # whole, aligned 16-byte vectors only (never scalar bf16 atomics)
+    # whole, aligned 16-byte vectors only: never scalar bf16 atomics (compare-and-swap loops). The compiler
+    # proves a vector aligned only when the gradient's strides are multiples of 16 (Triton specialises
+    # integer arguments divisible by 16), i.e. C % 16 == 0 for a channels-last gradient.
+    if x.stride(1) != 1 or C % 16 != 0:
         return False
     per_pixel = (4 if mode == "bilinear" else 1) * K * Ho * Wo / max(H * W, 1)
     if per_pixel > HALF_ACCUMULATE_MAX_CONTRIBUTIONS:
         return False
     if x.device.type == "cpu":  # Triton's interpreter
         return _interpreter_has_atomic(x.dtype)
-    return True
+    # bf16 vector reductions are sm_90's; before it they compile to compare-and-swap loops (f16x2 exists)
+    return x.dtype == torch.float16 or _target_arch() >= 90
+
+
+def _target_arch():
+    """The compute capability Triton compiles for (e.g. 90), 0 when it cannot say."""
+    try:
+        from triton.runtime import driver
+
+        return int(driver.active.get_current_target().arch)
+    except Exception:
+        return 0
 
 
 def sample_backward(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_mode, align_corners,
@@ -358,7 +381,7 @@ def sample_backward(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_
     _check_k(K)
     bilinear = mode == "bilinear"
     deterministic = torch.are_deterministic_algorithms_enabled()
-    p = plan(x, Ho, Wo)
+    p = plan(x, Ho, Wo, backward=True)
     geometry = _geometry(H, W, Ho, Wo, align_corners)
 
     grad_x = None

@@ -92,6 +92,44 @@ def _form_coords(
 
 
 @triton.jit
+def _corners(ix, iy, W, H, mask_p, s_h, s_w, INT64: tl.constexpr):
+    """The four bilinear neighbours of each pixel's source point, as [BP, 1] blocks: the offset of the
+    north-west one (strides ``s_h``, ``s_w``), each one's mask (the pixel exists and the neighbour lies
+    inside the image) and weight; also the corners and fractions the backward needs."""
+    x0, y0, tx, ty, sx, sy, in_x0, in_x1, in_y0, in_y1 = bilinear_corners(ix, iy, W, H, INT64)
+    o_nw = (y0 * s_h + x0 * s_w)[:, None]
+    m_nw = (mask_p & in_y0 & in_x0)[:, None]
+    m_ne = (mask_p & in_y0 & in_x1)[:, None]
+    m_sw = (mask_p & in_y1 & in_x0)[:, None]
+    m_se = (mask_p & in_y1 & in_x1)[:, None]
+    w_nw = (sx * sy)[:, None]
+    w_ne = (tx * sy)[:, None]
+    w_sw = (sx * ty)[:, None]
+    w_se = (tx * ty)[:, None]
+    return x0, y0, tx, ty, sx, sy, o_nw, m_nw, m_ne, m_sw, m_se, w_nw, w_ne, w_sw, w_se
+
+
+@triton.jit
+def _load_corners(p, o_nw, o_c, s_h, s_w, m_nw, m_ne, m_sw, m_se, mask_c):
+    """U at the four neighbours, [BP, BC] float32 each (0 outside the image)."""
+    v_nw = tl.load(p + o_nw + o_c, mask=m_nw & mask_c, other=0.0).to(tl.float32)
+    v_ne = tl.load(p + (o_nw + s_w) + o_c, mask=m_ne & mask_c, other=0.0).to(tl.float32)
+    v_sw = tl.load(p + (o_nw + s_h) + o_c, mask=m_sw & mask_c, other=0.0).to(tl.float32)
+    v_se = tl.load(p + (o_nw + s_h + s_w) + o_c, mask=m_se & mask_c, other=0.0).to(tl.float32)
+    return v_nw, v_ne, v_sw, v_se
+
+
+@triton.jit
+def _nearest(ix, iy, W, H, INT64: tl.constexpr):
+    """The nearest pixel (halves to even, as ``nearbyint``) and whether it lies inside the image."""
+    xr = round_half_even(ix)
+    yr = round_half_even(iy)
+    xr = xr.to(tl.int64) if INT64 else xr.to(tl.int32)
+    yr = yr.to(tl.int64) if INT64 else yr.to(tl.int32)
+    return xr, yr, (xr >= 0) & (xr < W) & (yr >= 0) & (yr < H)
+
+
+@triton.jit
 def _scatter_add(ptr, v, m, mask_c, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
     """``*ptr += v`` where ``m``: relaxed atomics (no fence) in ``ptr``'s dtype. ``ptr`` [BP, BC] always
     points inside the gradient (corners are clamped into it).
@@ -143,23 +181,12 @@ def sample_fwd_kernel(
     o_out = (i * s_oh + j * s_ow)[:, None]  # [BP, 1]
     m_out = mask_p[:, None]
     if MODE == 0:
-        x0, y0, tx, ty, sx, sy, in_x0, in_x1, in_y0, in_y1 = bilinear_corners(ix, iy, W, H, INT64)
-        o_nw = (y0 * s_xh + x0 * s_xw)[:, None]  # [BP, 1]
-        m_nw = (mask_p & in_y0 & in_x0)[:, None]
-        m_ne = (mask_p & in_y0 & in_x1)[:, None]
-        m_sw = (mask_p & in_y1 & in_x0)[:, None]
-        m_se = (mask_p & in_y1 & in_x1)[:, None]
-        w_nw = (sx * sy)[:, None]
-        w_ne = (tx * sy)[:, None]
-        w_sw = (sx * ty)[:, None]
-        w_se = (tx * ty)[:, None]
+        x0, y0, tx, ty, sx, sy, o_nw, m_nw, m_ne, m_sw, m_se, w_nw, w_ne, w_sw, w_se = _corners(
+            ix, iy, W, H, mask_p, s_xh, s_xw, INT64)
     else:
-        xr = round_half_even(ix)
-        yr = round_half_even(iy)
-        xr = xr.to(tl.int64) if INT64 else xr.to(tl.int32)
-        yr = yr.to(tl.int64) if INT64 else yr.to(tl.int32)
+        xr, yr, inside = _nearest(ix, iy, W, H, INT64)
         o_nn = (yr * s_xh + xr * s_xw)[:, None]
-        m_nn = (mask_p & (xr >= 0) & (xr < W) & (yr >= 0) & (yr < H))[:, None]
+        m_nn = (mask_p & inside)[:, None]
 
     offs_c = tl.arange(0, BLOCK_C)[None, :]  # [1, BC]
     for c0 in range(0, C, BLOCK_C):
@@ -169,10 +196,8 @@ def sample_fwd_kernel(
             mask_c = (c0 + offs_c) < C
         o_c = (c0 + offs_c) * s_xc  # [1, BC]
         if MODE == 0:
-            v = w_nw * tl.load(p_xn + o_nw + o_c, mask=m_nw & mask_c, other=0.0).to(tl.float32)
-            v += w_ne * tl.load(p_xn + (o_nw + s_xw) + o_c, mask=m_ne & mask_c, other=0.0).to(tl.float32)
-            v += w_sw * tl.load(p_xn + (o_nw + s_xh) + o_c, mask=m_sw & mask_c, other=0.0).to(tl.float32)
-            v += w_se * tl.load(p_xn + (o_nw + s_xh + s_xw) + o_c, mask=m_se & mask_c, other=0.0).to(tl.float32)
+            v_nw, v_ne, v_sw, v_se = _load_corners(p_xn, o_nw, o_c, s_xh, s_xw, m_nw, m_ne, m_sw, m_se, mask_c)
+            v = w_nw * v_nw + w_ne * v_ne + w_sw * v_sw + w_se * v_se
         else:
             v = tl.load(p_xn + o_nn + o_c, mask=m_nn & mask_c, other=0.0).to(tl.float32)
         tl.store(p_on + o_out + (c0 + offs_c) * s_oc, v.to(p_out.dtype.element_ty), mask=m_out & mask_c)
@@ -239,12 +264,8 @@ def sample_bwd_kernel(
         o_go = (i * s_gh + j * s_gw)[:, None]  # [BP, 1]
         m_go = mask_p[:, None]
         if MODE == 0:
-            x0, y0, tx, ty, sx, sy, in_x0, in_x1, in_y0, in_y1 = bilinear_corners(ix, iy, W, H, INT64)
-            m_nw = (mask_p & in_y0 & in_x0)[:, None]
-            m_ne = (mask_p & in_y0 & in_x1)[:, None]
-            m_sw = (mask_p & in_y1 & in_x0)[:, None]
-            m_se = (mask_p & in_y1 & in_x1)[:, None]
-            o_nw = (y0 * s_xh + x0 * s_xw)[:, None]
+            x0, y0, tx, ty, sx, sy, o_nw, m_nw, m_ne, m_sw, m_se, w_nw, w_ne, w_sw, w_se = _corners(
+                ix, iy, W, H, mask_p, s_xh, s_xw, INT64)
             # the scatter's targets, clamped into the image (see _scatter_add)
             cx0 = tl.minimum(tl.maximum(x0, 0), W - 1)
             cx1 = tl.minimum(tl.maximum(x0 + 1, 0), W - 1)
@@ -254,16 +275,9 @@ def sample_bwd_kernel(
             d_ne = (cy0 + cx1 * s_dw)[:, None]
             d_sw = (cy1 + cx0 * s_dw)[:, None]
             d_se = (cy1 + cx1 * s_dw)[:, None]
-            w_nw = (sx * sy)[:, None]
-            w_ne = (tx * sy)[:, None]
-            w_sw = (sx * ty)[:, None]
-            w_se = (tx * ty)[:, None]
         else:
-            xr = round_half_even(ix)
-            yr = round_half_even(iy)
-            xr = xr.to(tl.int64) if INT64 else xr.to(tl.int32)
-            yr = yr.to(tl.int64) if INT64 else yr.to(tl.int32)
-            m_nn = (mask_p & (xr >= 0) & (xr < W) & (yr >= 0) & (yr < H))[:, None]
+            xr, yr, inside = _nearest(ix, iy, W, H, INT64)
+            m_nn = (mask_p & inside)[:, None]
             d_nn = (tl.minimum(tl.maximum(yr, 0), H - 1) * s_dh
                     + tl.minimum(tl.maximum(xr, 0), W - 1) * s_dw)[:, None]
         g_ix = tl.zeros([BLOCK_P], tl.float32)  # sum_c dL/dV * dV/di_x
@@ -285,11 +299,8 @@ def sample_bwd_kernel(
                     else:
                         _scatter_add(p_gxc + d_nn, go, m_nn, mask_c, EVEN_C, BLOCK_C)
                 if NEED_G:
-                    o_c = (c0 + offs_c) * s_xc
-                    v_nw = tl.load(p_xn + o_nw + o_c, mask=m_nw & mask_c, other=0.0).to(tl.float32)
-                    v_ne = tl.load(p_xn + (o_nw + s_xw) + o_c, mask=m_ne & mask_c, other=0.0).to(tl.float32)
-                    v_sw = tl.load(p_xn + (o_nw + s_xh) + o_c, mask=m_sw & mask_c, other=0.0).to(tl.float32)
-                    v_se = tl.load(p_xn + (o_nw + s_xh + s_xw) + o_c, mask=m_se & mask_c, other=0.0).to(tl.float32)
+                    v_nw, v_ne, v_sw, v_se = _load_corners(p_xn, o_nw, (c0 + offs_c) * s_xc, s_xh, s_xw,
+                                                           m_nw, m_ne, m_sw, m_se, mask_c)
                     g_ix += tl.sum(go * (sy[:, None] * (v_ne - v_nw) + ty[:, None] * (v_se - v_sw)), axis=1)
                     g_iy += tl.sum(go * (sx[:, None] * (v_sw - v_nw) + tx[:, None] * (v_se - v_ne)), axis=1)
 
@@ -354,11 +365,7 @@ def corner_index_kernel(
         tl.store(p_wt + o_e + 2, sx * ty, mask=mask_p)
         tl.store(p_wt + o_e + 3, tx * ty, mask=mask_p)
     else:
-        xr = round_half_even(ix)
-        yr = round_half_even(iy)
-        xr = xr.to(tl.int64) if INT64 else xr.to(tl.int32)
-        yr = yr.to(tl.int64) if INT64 else yr.to(tl.int32)
-        inside = (xr >= 0) & (xr < W) & (yr >= 0) & (yr < H)
+        xr, yr, inside = _nearest(ix, iy, W, H, INT64)
         tl.store(p_idx + o_e, tl.where(inside, yr * W + xr, none), mask=mask_p)
         tl.store(p_wt + o_e, tl.full([BLOCK_P], 1.0, tl.float32), mask=mask_p)
 

@@ -7,8 +7,8 @@ import torch
 
 import stn_triton as st
 from stn_triton.kernels import launch
-from _cases import FORMS, MODES, assert_close, make_input, make_params, oracle, run
-from test_sampling import check_case, gen_for
+from _cases import FORMS, MODES, make_input, oracle
+from test_sampling import check_case
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_several_tiles_per_program(request, device, many_tiles_per_program, form
 
 def test_tiles_per_program_choice():
     x = torch.empty(64, 3, 448, 448, device="meta")
-    p = launch.plan(x, 224, 224)
+    p = launch.plan(x, 224, 224, backward=True)
     assert (p.tile_w, p.tile_h(), p.n_ctiles, p.log2_ct) == (32, 8, 7, 3)
     assert launch.tiles_per_program("affine", p, 3, 4, 64) == 4  # CUB-like: 14336 programs of 4 tiles
     assert launch.tiles_per_program("basis", p, 3, 4, 64) == 1  # the basis form reduces per tile
@@ -100,7 +100,9 @@ def test_half_accumulation_channels_last(request, device, monkeypatch, dtype, mo
     assert seen == [True]
 
 
-def test_half_accumulation_choice():
+def test_half_accumulation_choice(monkeypatch):
+    monkeypatch.setattr(launch, "_target_arch", lambda: 90)  # what a compiled launch on an H100/H200 sees
+
     def choose(dtype, C, size, layout="channels_last", K=1, mode="bilinear", H=56, W=56):
         x = torch.empty(2, C, H, W, dtype=dtype, device="meta")
         if layout == "channels_last":
@@ -109,12 +111,15 @@ def test_half_accumulation_choice():
         return launch.half_accumulation(x, K, *size, mode, p)
 
     assert choose(torch.bfloat16, 256, (56, 56))  # 4 contributions per input pixel
-    assert choose(torch.bfloat16, 8, (28, 28), K=4)  # down-sampling, 4 transforms
+    assert choose(torch.bfloat16, 16, (28, 28), K=4)  # down-sampling, 4 transforms
+    assert not choose(torch.bfloat16, 8, (28, 28), K=4)  # strides of 8: vectors not provably aligned
     assert not choose(torch.bfloat16, 256, (224, 224), K=2)  # 4 * 2 * 16 = 128 contributions: float32
     assert not choose(torch.float32, 256, (56, 56))  # float32 accumulates in place anyway
     assert not choose(torch.bfloat16, 256, (56, 56), layout="nchw")  # no vectors: never scalar bf16 atomics
     assert not choose(torch.bfloat16, 12, (56, 56))  # a partial vector of channels
     assert choose(torch.float16, 16, (112, 112), mode="nearest")  # 4 contributions of one corner each
+    monkeypatch.setattr(launch, "_target_arch", lambda: 80)  # an A100: f16x2 reductions, no bf16 ones
+    assert choose(torch.float16, 256, (56, 56)) and not choose(torch.bfloat16, 256, (56, 56))
 
 
 @pytest.mark.parametrize("dtype", HALF.values(), ids=HALF.keys())
@@ -124,10 +129,10 @@ def test_half_accumulation_error_on_zoom_in(device, monkeypatch, dtype):
     pixel). The launcher picks the float32 buffer there; forced to accumulate in half, the error is
     several times larger."""
     gen = torch.Generator().manual_seed(21)
-    x = make_input((1, 8, 6, 6), dtype, "channels_last", device, gen).requires_grad_()
+    x = make_input((1, 16, 6, 6), dtype, "channels_last", device, gen).requires_grad_()
     theta = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]], device=device)
     size = (36, 36)
-    grad_out = torch.randn(1, 8, *size, generator=gen).to(device, dtype)
+    grad_out = torch.randn(1, 16, *size, generator=gen).to(device, dtype)
     ref, x64, _ = oracle("affine", x, (theta[:, None],), size, "bilinear", "zeros", False)
     (want,) = torch.autograd.grad(ref, x64, grad_out.double().cpu()[:, None])
 
@@ -152,8 +157,10 @@ def test_tile_width_covers_with_least_padding(Ho, Wo, block_p, tile_w):
 
 
 def test_plan_planar_and_channels_last():
-    nchw = launch.plan(torch.empty(2, 3, 9, 9, device="meta"), 5, 5)
-    assert (nchw.block_c, nchw.block_p, nchw.even_c) == (1, 256, True)
+    nchw = torch.empty(2, 3, 9, 9, device="meta")
+    assert (launch.plan(nchw, 5, 5).block_c, launch.plan(nchw, 5, 5).block_p) == (1, 512)  # few channels
+    assert launch.plan(nchw, 5, 5, backward=True).block_p == 256
+    assert launch.plan(torch.empty(2, 64, 9, 9, device="meta"), 5, 5).block_p == 128  # the channel loop dominates
     cl = torch.empty(2, 12, 9, 9, dtype=torch.bfloat16, device="meta").contiguous(memory_format=torch.channels_last)
     p = launch.plan(cl, 5, 5)
     assert (p.block_c, p.block_p, p.even_c) == (8, 128, False)  # a 16-byte vector of bf16; 12 = 8 + 4
