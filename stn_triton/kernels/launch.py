@@ -217,9 +217,9 @@ def _launch(kernel, p, grid_yz, args, consts, device, key, reset=None, tpp=None)
     choice = choices[0]
     if len(choices) > 1:
         tag = (kernel.fn.__name__, key)
-        if tag not in _TUNED:
+        if tag not in _TUNED and not torch.cuda.is_current_stream_capturing():  # no timing inside a graph
             _TUNED[tag] = _tune(kernel, p, choices, grid_yz, args, consts, reset, tpp)
-        choice = _TUNED[tag]
+        choice = _TUNED.get(tag, choice)
     _run(kernel, p, choice, grid_yz, args, consts, tpp)
     return choice
 
@@ -461,7 +461,7 @@ def _grad_input_deterministic(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode
             H, W, K, Ho, Wo, D, R, *geometry, **consts, num_warps=p.num_warps)
     sorted_idx, perm = torch.sort(idx, dim=1, stable=True)
     targets = torch.arange(HW + 1, device=x.device, dtype=itype).expand(N, HW + 1).contiguous()
-    seg = torch.searchsorted(sorted_idx, targets).to(itype)
+    seg = torch.searchsorted(sorted_idx, targets, out_int32=not int64)
     # [BQ, BC] accumulators: at most 2048 (16 float32 registers per thread of 4 warps)
     block_c = min(triton.next_power_of_2(C), 32)
     block_q = max(16, min(128, 2048 // block_c))
