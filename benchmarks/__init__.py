@@ -1,4 +1,4 @@
-"""Benchmarks for stn-triton (issue 6): ``stn-bench`` / ``python -m benchmarks``.
+"""Benchmarks for stn-triton: ``stn-bench`` / ``python -m stn_triton.benchmarks``.
 
 ``cases`` (the named shapes and ``--case-spec``), ``providers`` (ours and the PyTorch, torch.compile
 and kornia baselines), ``timing`` (device-event timing, peak memory, kernel counts, copy bandwidth),

@@ -1,6 +1,6 @@
 """Compile-only run of the launchers, inside a process whose ``triton`` is the one to report on.
 
-``python -m benchmarks._static_worker SPEC.json OUT.json`` (started by :mod:`benchmarks.static`):
+``python -m stn_triton.benchmarks._static_worker SPEC.json OUT.json`` (started by :mod:`stn_triton.benchmarks.static`):
 
 1. installs a fake Triton driver that reports ``GPUTarget("cuda", <arch>, 32)`` and launches nothing,
 2. calls this library's real launchers (``ops._kernel_forward`` / ``ops._kernel_backward``) on meta

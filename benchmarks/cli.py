@@ -1,15 +1,15 @@
-"""``stn-bench`` / ``python -m benchmarks``: time spatial-transformer sampling, ours against PyTorch.
+"""``stn-bench`` / ``python -m stn_triton.benchmarks``: time spatial-transformer sampling, ours against PyTorch.
 
 Cases x dtypes x providers x modes, one row each, timed by device events on a CUDA GPU. Writes
 ``<UTC stamp>-<device>.json``, ``.csv``, ``.md`` and ``-speedup.png``, ``-bandwidth.png`` under
-``benchmarks/results/`` (or ``--out``) and prints the markdown table. Without a GPU it runs small
+``./stn-bench-results/`` (or ``--out``) and prints the markdown table. Without a GPU it runs small
 cases on the CPU paths and says loudly that those timings do not measure the kernels.
 """
 
 import argparse
+import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import torch
 
@@ -18,7 +18,8 @@ from .cases import CPU_DEFAULT_BATCH_SCALE, CPU_DEFAULT_CASES, DTYPES, NAMED, ca
 from .providers import PROVIDERS
 from .runner import MODE_HELP, MODES, RunConfig, run
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = "stn-bench-results"  # under the current directory (the repository commits its runs to benchmarks/results)
+PLOT_EXTRA = "pip install 'stn-triton[benchmarks]'"
 DEFAULT_DTYPES = ("float32", "bfloat16")
 
 
@@ -69,7 +70,8 @@ def parser():
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for a CPU run (default 1: steadier numbers on a shared machine; they do not "
                         "measure the kernels anyway)")
-    p.add_argument("--out", default=str(RESULTS), help="folder for the results files (default: benchmarks/results/)")
+    p.add_argument("--out", default=RESULTS,
+                   help=f"folder for the results files (default: ./{RESULTS}; --static writes under OUT/static)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="time launch-bound cases with plain events, not inside a CUDA graph")
@@ -150,6 +152,11 @@ def main(argv=None):
     if args.static:
         return main_static(args, p, argv)
     cfg = config(args, p)
+    plots = not args.no_plots
+    if plots and importlib.util.find_spec("matplotlib") is None:  # say so now, not after every timing
+        print(f"note: matplotlib is not installed: writing the tables without the plots ({PLOT_EXTRA} "
+              "for them, or --no-plots to silence this)", file=sys.stderr)
+        plots = False
     if cfg.device.type == "cuda":
         torch.cuda.set_device(cfg.device)  # Triton launches on the current device
     if cfg.device.type == "cuda" and "bwd-det" in cfg.modes:
@@ -171,7 +178,7 @@ def main(argv=None):
     finally:
         torch.set_num_threads(threads)
     targets = report.check_targets(rows, on_gpu=cfg.device.type == "cuda")
-    paths = report.write(args.out, meta, rows, targets, plots=not args.no_plots)
+    paths = report.write(args.out, meta, rows, targets, plots=plots)
     print(report.markdown(meta, rows, targets))
     print("wrote " + ", ".join(str(v) for v in paths.values()))
     if cfg.device.type != "cuda":

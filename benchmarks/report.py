@@ -26,6 +26,9 @@ from .cases import NAMED
 from .providers import PROVIDERS
 from .runner import BASELINE, ROW_FIELDS
 
+MIN_BYTES_RULE = ("the forward reads the input and the transform's parameters once and writes the output once; "
+                  "the backward reads the output's gradient and the input once and writes the input's gradient "
+                  "(and the parameters' gradients) once; an explicit sampling grid is not counted")
 CPU_WARNING = ("CPU run: these timings do NOT measure the kernels. On the CPU our providers run "
                "PyTorch's reference path (or, with TRITON_INTERPRET=1, Triton's interpreter, far slower "
                "still); run on a CUDA GPU for kernel timings.")
@@ -209,9 +212,9 @@ def markdown(meta, rows, targets):
         f"torch {meta['torch']}, triton {meta['triton']}, kornia {meta['kornia'] or '-'}, commit {commit}, "
         f"our path: {meta['stn_backend']}",
         f"- copy bandwidth: {copy['gbps']:.1f} GB/s ({copy['bytes_copied'] / 2**20:.0f} MiB, {copy['method']})",
-        "- median ms (20th-80th percentile); GB/s from the minimum bytes (input read once, output written "
-        "once, see `benchmarks/NOTES.md`); x eager: PyTorch eager (align_corners=False) time for the same "
-        "case, dtype and mode over this row's (bwd-det: over eager's bwd); kernels: GPU activities per call",
+        f"- median ms (20th-80th percentile); GB/s from the minimum bytes: {MIN_BYTES_RULE}; x eager: PyTorch "
+        "eager (align_corners=False) time for the same case, dtype and mode over this row's (bwd-det: over "
+        "eager's bwd); kernels: GPU activities per call",
         f"- command: `{meta['command']}`",
         "",
     ]
@@ -230,7 +233,7 @@ def markdown(meta, rows, targets):
         lines.append(f"| {r['case']} | {r['dtype']} | {r['provider']} | {r['mode']} | {t} | {_f(r['gbps'], '.3g')} "
                      f"| {_f(pct, '.3g')} | {_f(r['speedup_vs_eager'], '.3g')} | {_f(r['peak_mem_mb'], '.1f')} "
                      f"| {_f(r['kernels'], 'd')} | {r['status'].replace('|', '/')} |")
-    lines += ["", "## Targets (issue 6), ours-affine", ""]
+    lines += ["", "## Performance targets (ours-affine)", ""]
     if not cuda:
         lines.append("Not evaluated: CPU timings do not measure the kernels.")
     else:

@@ -3,10 +3,10 @@
 No GPU is needed. A worker process whose ``triton`` is the GPU machines' version (3.6.0 by default;
 installed once into ``~/.cache/stn-triton/`` when the current environment has another) compiles every
 kernel the launchers would launch for each case, through a fake driver that reports an sm_90 GPU
-(:mod:`benchmarks._static_worker`). This module turns what it found into a report, per kernel:
+(:mod:`stn_triton.benchmarks._static_worker`). This module turns what it found into a report, per kernel:
 registers, spills, shared memory, occupancy and what limits it, the SASS instruction mix, each loop's
 body x trips; per case: the launches, a modelled issue time and the DRAM floor beside it
-(:mod:`benchmarks.sass` says what the model assumes). JSON and markdown land in
+(:mod:`stn_triton.benchmarks.sass` says what the model assumes). JSON and markdown land in
 ``<out>/static/``. **A model, not a measurement.**
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import sass
 from .cases import DTYPES, NAMED, min_bytes
+from .report import MIN_BYTES_RULE, _git
 
 TRITON_VERSION = "3.6.0"  # what the GPU machines run: kernels must compile with it
 TRITON_DIR_ENV = "STN_TRITON_STATIC_TRITON"  # a folder holding that triton package, to skip the install
@@ -123,10 +124,12 @@ def make_jobs(cases, dtypes, forms, modes):
 
 
 def _package_roots():
-    """The folders the worker must import ``stn_triton`` and ``benchmarks`` from (this very code)."""
+    """The folders the worker must import ``stn_triton`` (and with it ``stn_triton.benchmarks``) and
+    ``transforms_registry`` from: this very code."""
     import stn_triton
+    import transforms_registry
 
-    roots = [str(Path(stn_triton.__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent)]
+    roots = [str(Path(m.__file__).resolve().parent.parent) for m in (stn_triton, transforms_registry)]
     return list(dict.fromkeys(roots))
 
 
@@ -145,7 +148,7 @@ def compile_jobs(jobs, arch="sm_90", version=TRITON_VERSION, quiet=False):
     with tempfile.TemporaryDirectory(prefix="stn-static-") as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec.write_text(json.dumps({"arch": sass.ARCHS[arch].capability, "jobs": jobs}))
-        done = subprocess.run([sys.executable, "-m", "benchmarks._static_worker", str(spec), str(out)],
+        done = subprocess.run([sys.executable, "-m", "stn_triton.benchmarks._static_worker", str(spec), str(out)],
                               env=env, capture_output=True, text=True, cwd=tmp)
         if done.returncode != 0 or not out.is_file():
             raise StaticError(f"the compile-only worker failed (exit {done.returncode}):\n"
@@ -363,8 +366,6 @@ def check_targets(rows):
 # ---------------------------------------------------------------------------------------------------
 
 def metadata(raw, arch, argv):
-    from .report import _git
-
     commit = _git("rev-parse", "HEAD")
     return {
         "kind": "static (compile-only) report",
@@ -405,7 +406,7 @@ def markdown(meta, rows, targets):
     lines += [f"| {t['target']} | {t['found']} | {t['verdict']} |" for t in targets]
     lines += ["", "## Per case", "",
               "Modelled issue time of the Triton launches beside the DRAM floor of the mode's minimum bytes "
-              "(`benchmarks/cases.py:min_bytes`); launches count the Triton kernels and the PyTorch operations "
+              f"({MIN_BYTES_RULE}); launches count the Triton kernels and the PyTorch operations "
               "that launch a kernel (fills, casts, sums, sorts), whose bytes are listed apart.", "",
               "| case | dtype | form | mode | launches | issue us | floor us | issue / floor | torch-op MB |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -3,4 +3,4 @@
 # ST-CNN with an affine transformer, three seeds, scikit-learn's bundled digits, CPU, ~3 minutes).
 # Any option of `stn-digits --help` can be appended, e.g. ./scripts/main.sh --distortions R RTS P E.
 source "$(dirname "$0")/env.sh"
-python -m integrations.digits "$@"
+python -m stn_triton.integrations.digits "$@"

@@ -1,6 +1,6 @@
 """The paper's distorted-digits experiment (Table 1 in miniature): data, distortions, models, runner.
 
-``python -m integrations.digits`` (or ``stn-digits``) runs it; see :mod:`integrations.digits.cli`.
+``python -m stn_triton.integrations.digits`` (or ``stn-digits``) runs it; see :mod:`stn_triton.integrations.digits.cli`.
 """
 
 from .data import Digits, load_idx_dir, load_sklearn_digits, read_idx

@@ -1,4 +1,4 @@
-"""``stn-digits`` / ``python -m integrations.digits``: the distorted-digits experiment.
+"""``stn-digits`` / ``python -m stn_triton.integrations.digits``: the distorted-digits experiment.
 
 The defaults are the README's first command: RTS, CNN vs ST-CNN (affine), three seeds, on
 scikit-learn's bundled digits, on the CPU, in about three minutes on two cores. ``--paper`` selects

@@ -13,7 +13,7 @@ any timm backbone, each with a small localisation head on that stage's feature m
 
 Both honour timm's model API (``forward_features``, ``forward_head(x, pre_logits=False)``,
 ``get_classifier``, ``reset_classifier``, ``num_features``, ``pretrained_cfg``). Importing
-:mod:`integrations.timm` registers the models with timm: ``timm.create_model("stn_inception_v3_4x",
+:mod:`stn_triton.integrations.timm` registers the models with timm: ``timm.create_model("stn_inception_v3_4x",
 num_classes=200)``.
 """
 

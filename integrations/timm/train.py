@@ -2,7 +2,7 @@
 PyTorch's own distributed engine.
 
 One process:        stn-train-cub --data /path/to/CUB_200_2011 --out runs/cub
-Several (one node): torchrun --standalone --nproc_per_node 8 -m integrations.timm.train --data ... --out ...
+Several (one node): torchrun --standalone --nproc_per_node 8 -m stn_triton.integrations.timm.train --data ... --out ...
 
 DDP under ``torchrun`` (nccl on GPUs, gloo on the CPU), bfloat16 autocast on GPUs, SGD with the
 localisation network at a lower rate, a cosine schedule by epoch, progress bars, per-epoch metrics

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 import stn_triton as st
-from benchmarks import cli, report, runner
-from benchmarks.cases import NAMED, Case, min_bytes, parse_case_spec
-from benchmarks.providers import PROVIDERS, Provider, draw_params
-from benchmarks.runner import RunConfig
+from stn_triton.benchmarks import cli, report, runner
+from stn_triton.benchmarks.cases import NAMED, Case, min_bytes, parse_case_spec
+from stn_triton.benchmarks.providers import PROVIDERS, Provider, draw_params
+from stn_triton.benchmarks.runner import RunConfig
 
 TINY = "N=2,C=1,H=8,W=8,Ho=6,Wo=6"
 CPU = torch.device("cpu")
@@ -261,3 +261,20 @@ def test_tiny_cpu_run_writes_every_file(tmp_path, capsys):
         with Image.open(tmp_path / f"{stem}-{kind}.png") as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 300
             assert sum(n > 0 for n in im.convert("L").histogram()) > 10  # something was drawn
+
+
+def test_results_go_under_the_current_directory_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """An installed user's run writes ./stn-bench-results, never next to the package; without matplotlib
+    it says so before timing anything and writes the tables alone."""
+    monkeypatch.chdir(tmp_path)
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    argv = ["--device", "cpu", "--case-spec", TINY, "--providers", "eager", "--modes", "fwd", "--dtypes", "float32",
+            "--warmup", "1", "--rep", "5", "--no-progress"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed" in err and "stn-triton[benchmarks]" in err
+    files = sorted(p.suffix for p in (tmp_path / "stn-bench-results").iterdir())
+    assert files == [".csv", ".json", ".md"]
+    md = next((tmp_path / "stn-bench-results").glob("*.md")).read_text()
+    assert "NOTES.md" not in md and "issue" not in md.lower()

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from benchmarks import cli, sass, static
+from stn_triton.benchmarks import cli, sass, static
 
 SASS = textwrap.dedent("""\
     //--------------------- .text.toy_kernel --------------------------

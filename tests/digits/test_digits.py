@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 import stn_triton as st
-from integrations.digits import data as D
-from integrations.digits.cli import main
-from integrations.digits.distortions import DISTORTIONS, canvas_size, distort, homography
-from integrations.digits.experiment import Config, format_table, run
-from integrations.digits.models import MODELS, build, count_parameters
+from stn_triton.integrations.digits import data as D
+from stn_triton.integrations.digits.cli import main
+from stn_triton.integrations.digits.distortions import DISTORTIONS, canvas_size, distort, homography
+from stn_triton.integrations.digits.experiment import Config, format_table, run
+from stn_triton.integrations.digits.models import MODELS, build, count_parameters
 
 CANVAS = {"R": 28, "RTS": 42, "P": 28, "E": 28, "TC": 60}
 IDENTITY = {"R": dict(max_angle=0.0), "RTS": dict(max_angle=0.0, scale=(1.0, 1.0), translate=False),

@@ -4,8 +4,8 @@ import pytest
 import timm
 import torch
 
-import integrations.timm  # noqa: F401  (registers the models)
-from integrations.timm import CUB200, ParallelSTNet, STMultiNet, cub_transforms, region_centres
+import stn_triton.integrations.timm  # noqa: F401  (registers the models)
+from stn_triton.integrations.timm import CUB200, ParallelSTNet, STMultiNet, cub_transforms, region_centres
 
 from _cub import CLASSES, make_cub
 

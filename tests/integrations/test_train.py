@@ -23,7 +23,7 @@ def torchrun(data, out, *extra, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", STN_TRITON_FORCE_REFERENCE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "integrations.timm.train", "--data", str(data), "--out", str(out), *TINY, *extra]
+           "-m", "stn_triton.integrations.timm.train", "--data", str(data), "--out", str(out), *TINY, *extra]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return done
@@ -70,7 +70,7 @@ def test_one_epoch_then_resume_equals_uninterrupted(cub, tmp_path):
 
 
 def test_trainer_errors(cub, tmp_path):
-    from integrations.timm.train import main
+    from stn_triton.integrations.timm.train import main
 
     with pytest.raises(SystemExit, match=r"stn-train-cub: CUB root .*nowhere: not a folder"):
         main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), *TINY])
