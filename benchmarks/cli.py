@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from stn_triton._cli import HelpFormatter, description
 from . import report, sass, static
 from .cases import CPU_DEFAULT_BATCH_SCALE, CPU_DEFAULT_CASES, DTYPES, NAMED, canonical_dtype, parse_case_spec
 from .providers import PROVIDERS
@@ -48,7 +49,7 @@ def _positive(text):
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="stn-bench", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="stn-bench", description=description(__doc__), formatter_class=HelpFormatter)
     p.add_argument("--cases", nargs="+", choices=list(NAMED), metavar="CASE", default=None,
                    help=f"named cases, of {', '.join(NAMED)} (default: all on a GPU; "
                         f"{' and '.join(CPU_DEFAULT_CASES)} on the CPU; none when --case-spec is given)")

@@ -8,18 +8,29 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
 PLUGIN="$ROOT/tests/plugins/similarity"  # a tiny plugin distribution the tests need installed
 KEY="$(cat "$ROOT/pyproject.toml" "$PLUGIN/pyproject.toml" | sha256sum | cut -c1-16)"
 VENV="${STN_TRITON_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/stn-triton/venv-$KEY}"
+LOG="$VENV.log"
+quietly() {  # run a setup step; show its output only if it fails
+    if ! "$@" >>"$LOG" 2>&1; then
+        echo "[env] failed: $* (log: $LOG)" >&2
+        tail -n 40 "$LOG" >&2
+        return 1
+    fi
+}
 if [ ! -f "$VENV/.complete" ]; then
     echo "[env] creating $VENV (first run on this machine: installs torch, several minutes)" >&2
     rm -rf "$VENV"
-    "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip "setuptools>=77"
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
-    "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$PLUGIN"
+    : >"$LOG"
+    quietly "$PY" -m venv "$VENV"
+    quietly "$VENV/bin/python" -m pip install --upgrade pip "setuptools>=77"
+    quietly "$VENV/bin/python" -m pip install -e "$ROOT[test]"
+    quietly "$VENV/bin/python" -m pip install --no-deps --no-build-isolation -e "$PLUGIN"
+    echo "$ROOT" >"$VENV/.checkout"
     touch "$VENV/.complete"
-else
-    # point the editable installs at this checkout (fast: dependencies are already there)
-    "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e "$ROOT" -e "$PLUGIN" 2>/dev/null \
-        || "$VENV/bin/python" -m pip install --quiet --no-deps -e "$ROOT" -e "$PLUGIN"
+elif [ "$(cat "$VENV/.checkout" 2>/dev/null)" != "$ROOT" ]; then
+    # another checkout of the same pyproject.toml: point the editable installs here (fast, quiet)
+    : >"$LOG"
+    quietly "$VENV/bin/python" -m pip install --no-deps --no-build-isolation -e "$ROOT" -e "$PLUGIN"
+    echo "$ROOT" >"$VENV/.checkout"
 fi
 export PATH="$VENV/bin:$PATH"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

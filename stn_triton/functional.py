@@ -7,7 +7,7 @@ import numbers
 
 import torch
 
-from . import ops, reference
+from . import ops
 from ._backend import backend
 
 MODES = ("bilinear", "nearest")
@@ -74,8 +74,8 @@ def _check_params(name, t, x, tail, what):
 
 
 def _run(form, x, params, size, mode, padding_mode, align_corners, had_k):
-    if backend(x) == "reference":
-        out = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
+    if backend(x) == "reference":  # plain autograd (any order of derivatives), the ops' autocast and layout
+        out = ops.reference_forward(form, x, params, size, mode, padding_mode, align_corners)
     else:
         out = ops.OPS[form][0](x, *params, size, mode, padding_mode, align_corners)
     return out if had_k else out.squeeze(1)

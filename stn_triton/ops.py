@@ -154,19 +154,37 @@ def _define(form, names):
     return fwd_op, bwd_op
 
 
-def _register_autocast(name, op, n, device_type):
-    """Under autocast the input map is sampled in the autocast dtype (half the bytes moved; the
-    kernels accumulate in float32 anyway) while the transform parameters stay in float32."""
-    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
+def autocast_inputs(x, params, device_type):
+    """Autocast's rule for every path: the input map in the autocast dtype (half the bytes moved; the
+    kernels compute in float32 anyway), the transform parameters in float32 (a bf16 grid would be
+    off by more than a pixel at 448 px). float64 tensors and other devices' tensors are left alone."""
     def cast(t, dtype):
         eligible = t.is_floating_point() and t.dtype != torch.float64 and t.device.type == device_type
         return t.to(dtype) if eligible else t
 
+    return cast(x, torch.get_autocast_dtype(device_type)), [cast(t, torch.float32) for t in params]
+
+
+def reference_forward(form, x, params, size, mode, padding_mode, align_corners):
+    """The reference path as the public functions take it (plain autograd, so differentiable to any
+    order), with the ops' autocast rule and output layout: (N, K, C, Ho, Wo) in x's memory format."""
+    device_type = x.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        x, params = autocast_inputs(x, params, device_type)
+        with torch.autocast(device_type, enabled=False):  # the ops compute in these dtypes too
+            out = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
+    else:
+        out = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
+    return launch.in_layout_of(out, x)
+
+
+def _register_autocast(name, op, n, device_type):
+    """Under autocast the op runs on :func:`autocast_inputs`' casts, with autocast off inside."""
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    exclude = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
     def kernel(_keyset, x, *args):
-        x = cast(x, torch.get_autocast_dtype(device_type))
-        params = [cast(t, torch.float32) for t in args[:n]]
+        x, params = autocast_inputs(x, args[:n], device_type)
         with torch._C._ExcludeDispatchKeyGuard(exclude):
             return op(x, *params, *args[n:])
 

@@ -1,40 +1,76 @@
-"""The README's code runs as written."""
+"""Every Python block of the README runs as printed, on a user's default CPU path (the reference,
+not the interpreter), from an empty folder; some blocks' results are checked too."""
 
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
-def _block(after):
-    """The first python block after the heading ``after``."""
-    return re.search(r"```python\n(.*?)```", README[README.index(after):], re.S).group(1)
+def _python_blocks():
+    """(heading, code) of each ```python block, the heading being the nearest one above it."""
+    out = []
+    for m in re.finditer(r"```python\n(.*?)```", README, re.S):
+        heading = re.findall(r"^#+ (.+)$", README[:m.start()], re.M)[-1]
+        out.append((heading, m.group(1)))
+    return out
 
 
-def test_write_your_own_transform(monkeypatch):
+BLOCKS = _python_blocks()
+
+
+def _functions(scope):
+    import torch.nn.functional as F
+
+    assert scope["y"].shape == (2, 4, 3, 32, 32)
+    x, theta, grid = scope["x"], scope["theta"], scope["grid"]
+    st = scope["st"]
+    torch.testing.assert_close(st.grid_sample(x, grid), F.grid_sample(x, grid, align_corners=False))
+    torch.testing.assert_close(st.affine_sample(x, theta, (32, 32)), st.grid_sample(x, grid), rtol=1e-5, atol=1e-5)
+
+
+def _families(scope):
+    assert scope["y"].shape == (2, 1, 28, 28) and scope["parts"].shape == (2, 4, 1, 24, 24)
+    assert {"affine", "attention", "piecewise_affine", "projective", "tps"} <= set(scope["list_transforms"]())
+
+
+def _own_transform(scope):
     from transforms_registry import registry
 
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
-    registry.load_plugins()
-    registry._REGISTRY.pop("similarity", None)  # the test plugin publishes the same name
-    scope = {}
-    exec(compile(_block("### Write your own transform"), "README.md", "exec"), scope)
     assert scope["out"].shape == (8, 3, 32, 32)
     assert registry._REGISTRY["similarity"] is scope["Similarity"]
-    theta = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
     x = torch.randn(1, 2, 5, 6)
-    torch.testing.assert_close(scope["st"].spatial_transform(x, theta, "similarity"), x, rtol=1e-5, atol=1e-5)
+    identity = scope["st"].spatial_transform(x, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), "similarity")
+    torch.testing.assert_close(identity, x, rtol=1e-5, atol=1e-5)
 
 
-def test_families_overview():
-    x, theta = torch.randn(2, 1, 40, 40), None
-    from transforms_registry import get_transform
+def _timm(scope):
+    assert scope["logits"].shape == (1, 200) and scope["theta"].shape == (1, 4, 3)
+    assert torch.isfinite(scope["logits"]).all()
 
-    theta = get_transform("tps").identity().repeat(2, 1)
-    scope = {"x": x, "theta": theta, "torch": torch}
-    exec(compile(_block("## Transformation families"), "README.md", "exec"), scope)
-    assert scope["y"].shape == (2, 1, 28, 28)
-    assert {"affine", "attention", "piecewise_affine", "projective", "tps"} <= set(scope["list_transforms"]())
+
+CHECKS = {"The functions": _functions, "Transformation families": _families,
+          "Write your own transform": _own_transform, "timm: the CUB-200-2011 part-attention model": _timm}
+
+
+def test_every_python_block_is_checked():
+    assert [h for h, _ in BLOCKS] == list(CHECKS)
+
+
+@pytest.mark.parametrize("heading,code", BLOCKS, ids=[h.split(":")[0].lower().replace(" ", "-") for h, _ in BLOCKS])
+def test_python_block_runs_as_printed(heading, code, monkeypatch, tmp_path):
+    from transforms_registry import registry
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # what a user's CPU runs: the reference path
+    registry.load_plugins()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # blocks register families: undo after
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    registry._REGISTRY.pop("similarity", None)  # the test environment's plugin publishes the README's name
+    scope = {}
+    torch.manual_seed(0)
+    exec(compile(code, f"README.md ({heading})", "exec"), scope)
+    CHECKS[heading](scope)

@@ -5,11 +5,15 @@ Third-party distributions publish families in the entry-point group ``stn_triton
 turns discovery off.
 """
 
+import difflib
 import fnmatch
+import inspect
 import os
 import re
 import warnings
 from importlib.metadata import entry_points
+
+import torch
 
 from .base import TransformFamily
 
@@ -29,14 +33,18 @@ def register_transform(cls=None, *, name=None, override=False):
     return wrap(cls) if cls is not None else wrap
 
 
-def _register(cls, name, override, source):
+_CODE_CLASH = "pass register_transform(override=True) to replace it"
+_ENTRY_POINT_CLASH = ("rename the entry point in its distribution, uninstall one of the two, or set "
+                      "STN_TRITON_NO_PLUGINS=1 to turn plugin discovery off")
+
+
+def _register(cls, name, override, source, resolve=_CODE_CLASH):
     if not (isinstance(cls, type) and issubclass(cls, TransformFamily)):
         raise TypeError(f"register_transform: expected a TransformFamily subclass, got {cls!r}")
     if not name or not isinstance(name, str):
         raise ValueError(f"register_transform: {cls.__qualname__} needs a non-empty string `name`")
     if name in _REGISTRY and _REGISTRY[name] is not cls and not override:
-        raise ValueError(f"transform {name!r} is already registered (by {_SOURCES[name]}); "
-                         f"pass override=True to replace it")
+        raise ValueError(f"transform {name!r} is already registered (by {_SOURCES[name]}); {resolve}")
     cls.name = name
     _REGISTRY[name] = cls
     _SOURCES[name] = source
@@ -62,7 +70,7 @@ def load_plugins(force=False):
                 raise TypeError(f"{cls!r} is not a TransformFamily subclass")
             if _REGISTRY.get(ep.name) is cls:
                 continue
-            _register(cls, ep.name, override=False, source=where)
+            _register(cls, ep.name, override=False, source=where, resolve=_ENTRY_POINT_CLASH)
         except Exception as e:  # a broken plugin must not break the others
             warnings.warn(f"stn_triton: skipping {where}: {type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
 
@@ -86,4 +94,32 @@ def get_transform(name, **options):
     load_plugins()
     if name not in _REGISTRY:
         raise KeyError(f"unknown transform {name!r}; known: {', '.join(list_transforms())}")
-    return _REGISTRY[name](**options)
+    cls = _REGISTRY[name]
+    _check_options(name, cls, options)
+    return cls(**options)
+
+
+def family_options(cls):
+    """The options (constructor arguments) of a family class: {name: default or inspect.Parameter.empty};
+    None when it takes any keyword (``**kwargs``)."""
+    if cls.__init__ in (torch.nn.Module.__init__, object.__init__):  # no constructor of its own
+        return {}
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: p.default for p in params
+            if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+
+def _check_options(name, cls, options):
+    known = family_options(cls)
+    if known is None:
+        return
+    unknown = [k for k in options if k not in known]
+    if not unknown:
+        return
+    bad = unknown[0]
+    close = difflib.get_close_matches(bad, list(known), n=1)
+    valid = ", ".join(k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in known.items()) or "none"
+    raise TypeError(f"transform {name!r} has no option {bad!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                    + f"; its options: {valid}")

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from stn_triton._cli import HelpFormatter, description
 from .distortions import DISTORTIONS
 from .experiment import Config, run
 from .models import MODELS
@@ -19,8 +20,7 @@ PAPER = dict(distortions=DISTORTIONS, models=MODELS, seeds=(0, 1, 2), epochs=60,
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="stn-digits", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="stn-digits", description=description(__doc__), formatter_class=HelpFormatter)
     d = Config()
     p.add_argument("--distortions", nargs="+", choices=DISTORTIONS, default=list(d.distortions), metavar="D",
                    help=f"distortions, of {', '.join(DISTORTIONS)}")

@@ -3,40 +3,82 @@
 :class:`ParallelSTNet` is the paper's CUB-200-2011 part-attention model: one localisation network
 (a timm backbone's pooled features, plus a small head) predicts K transforms of the input; each
 branch samples the input at its own size (448 -> 224 by default: one fused launch for all K) and
-feeds its own part backbone; the branches' feature maps are concatenated before one classifier.
-Each branch's features are its backbone's pooled pre-logits
-features. Following the paper, the default family is ``attention`` with the scale fixed at 0.5, so only the
-translation is learnt, and the K transforms start on different regions of the image.
+feeds its own part backbone. Following the paper, the default family is ``attention`` with the scale
+fixed at 0.5, so only the translation is learnt, and the K transforms start on different regions of
+the image.
+
+It follows timm's model API:
+
+* ``forward_features(x)`` is the K branches' feature maps (each branch backbone's own
+  ``forward_features``) concatenated on channels: (N, K * C, h, w), ``num_features = K * C``.
+* ``forward_head(x, pre_logits=False)`` splits the channels back into the K branches, runs each
+  through its branch's own head up to the pre-logits (the global pooling and, for MobileNetV3, its
+  ``conv_head``), concatenates them ((N, head_hidden_size), ``head_hidden_size = K * F``), then
+  dropout and the classifier ``fc``. ``forward(x) == forward_head(forward_features(x))``.
+* ``get_classifier``, ``reset_classifier``, ``pretrained_cfg`` (``architecture`` is the registered
+  name), ``set_grad_checkpointing`` (delegated to the backbones that support it; the others, e.g.
+  Inception-v3, are checkpointed whole), ``group_matcher`` (timm's layer-wise grouping: layer i of
+  the localisation network and of every branch form one group, so their stems decay together;
+  the freshly initialised layers, localisation head and classifier, form the last group).
+* The feature API: ``feature_info``, ``forward_intermediates`` and ``prune_intermediate_layers``,
+  so ``timm.create_model("stn_mobilenetv3_small_2x", features_only=True)`` works (timm's
+  ``FeatureGetterNet``, the only feature extractor that applies: the maps are not outputs of single
+  modules). Each map is the K branches' maps of one stage (the branch backbone's ``feature_info``)
+  concatenated on channels: ``num_chs`` is K times the branch's. Each branch's map is in its own
+  crop's frame, not the input's; ``reduction`` is input side / map side (the branch's stride times
+  img_size / branch_size; the branch's own stride is ``branch_reduction``).
 
 :class:`STMultiNet` is the paper's "ST-CNN Multi": a transformer inserted before chosen stages of
-any timm backbone, each with a small localisation head on that stage's feature map.
+any timm backbone, each with a small localisation head on that stage's feature map. It keeps the
+backbone's own timm API (``forward_features``/``forward_head``, ``num_features``,
+``head_hidden_size``, ``feature_info``, ``forward_intermediates``, ``set_grad_checkpointing`` where
+the backbone supports it, ``group_matcher`` with the transformers in the last group).
 
-Both honour timm's model API (``forward_features``, ``forward_head(x, pre_logits=False)``,
-``get_classifier``, ``reset_classifier``, ``num_features``, ``pretrained_cfg``). Importing
-:mod:`stn_triton.integrations.timm` registers the models with timm: ``timm.create_model("stn_inception_v3_4x",
-num_classes=200)``.
+Importing :mod:`stn_triton.integrations.timm` registers the models with timm, each with a default
+config (``timm.models.get_pretrained_cfg("stn_inception_v3_4x")``): ``timm.create_model(
+"stn_inception_v3_4x", num_classes=200)``. ``pretrained=True`` means the backbones' ImageNet weights
+(there are no published weights for the models themselves).
 """
 
+import functools
 import math
+import re
+from collections import defaultdict
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
+import torch.utils.checkpoint
+from timm.models import build_model_with_cfg, generate_default_cfgs, group_parameters, register_model
 from torch import nn
 
 import stn_triton as st
 from transforms_registry import get_transform
 
+# the paper the models come from (for pretrained_cfg)
+_PAPER = dict(paper_name="Spatial Transformer Networks", paper_ids="arXiv:1506.02025")
+# pretrained_cfg entries that describe a backbone's own weights, not those of a model wrapping it
+_WEIGHT_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "architecture", "tag",
+                "custom_load", "license")
+
 
 def _backbone(name, pretrained, cache_dir=None, **kwargs):
-    """A timm backbone without its classifier: ``model(x)`` gives its pooled pre-logits features
-    (N, F), through every layer it has (MobileNetV3's ``conv_head`` included), so DDP sees no unused
-    parameter."""
-    model = timm.create_model(name, pretrained=pretrained, num_classes=0,
-                              **({"cache_dir": cache_dir} if cache_dir else {}), **kwargs)
-    model.feature_dim = getattr(model, "head_hidden_size", None) or model.num_features
-    return model
+    """A timm backbone without its classifier (``num_classes=0``): ``forward_features`` gives its
+    feature map, ``forward_head(x, pre_logits=True)`` its pooled pre-logits features through every
+    head layer it has (MobileNetV3's ``conv_head`` included, so DDP sees no unused parameter), and
+    ``model(x)`` does both."""
+    return timm.create_model(name, pretrained=pretrained, num_classes=0,
+                             **({"cache_dir": cache_dir} if cache_dir else {}), **kwargs)
+
+
+def _pre_logits_width(model):
+    """The width of a timm model's pre-logits features (``head_hidden_size``, else ``num_features``)."""
+    return getattr(model, "head_hidden_size", None) or model.num_features
+
+
+def _prefixed(prefix, names):
+    """Module names (one or a tuple, as in timm's ``first_conv``) under ``prefix``, as a tuple."""
+    return tuple(prefix + n for n in ((names,) if isinstance(names, str) else names))
 
 
 def region_centres(k, scale):
@@ -65,6 +107,81 @@ def initial_theta(family, k, scale):
     return family.identity().float().repeat(k, 1)
 
 
+# --- timm conventions shared by both models --------------------------------------------------------
+
+def _set_checkpointing(model, enable):
+    """Delegate to a timm model's own ``set_grad_checkpointing``; False when it has none or refuses
+    (timm's Inception-v3 and a few others assert ``not enable``)."""
+    fn = getattr(model, "set_grad_checkpointing", None)
+    if fn is None:
+        return False
+    try:
+        fn(enable)
+    except (AssertionError, NotImplementedError):
+        return False
+    return True
+
+
+def _layer_ids(model, coarse):
+    """{parameter name: layer index} by the model's own ``group_matcher`` (timm's grouping: the stem
+    first, what it leaves unmatched, the head, last), or one layer for a model without one."""
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None:
+        return {n: 0 for n, _ in model.named_parameters()}
+    return group_parameters(model, matcher(coarse=coarse), reverse=True)
+
+
+def _layer_paths(ids):
+    """{layer: [module path, ...]}: for each layer the shortest module paths (or parameter names)
+    all of whose parameters lie in that layer, in order."""
+    layers_under = defaultdict(set)
+    for name, layer in ids.items():
+        parts = name.split(".")
+        for d in range(1, len(parts) + 1):
+            layers_under[".".join(parts[:d])].add(layer)
+    out = defaultdict(list)
+    for name, layer in ids.items():
+        parts = name.split(".")
+        path = next(p for p in (".".join(parts[:d]) for d in range(1, len(parts) + 1)) if len(layers_under[p]) == 1)
+        if path not in out[layer]:
+            out[layer].append(path)
+    return out
+
+
+def _stacked_matcher(parts, head=None):
+    """timm's ``group_matcher`` dict (regexes, in order) for timm backbones used side by side.
+
+    ``parts``: [(regex prefix of a backbone's parameters, its {name: layer})]. Layer i of every part
+    is one group (the stems together, then the next layers, ...); ``head`` (a regex), if given, is
+    the last group. The regexes name module paths, so they hold for any backbone, whatever form its
+    own matcher takes (Inception-v3's is a function)."""
+    paths = [(prefix, _layer_paths(ids)) for prefix, ids in parts]
+    depth = max((max(p) + 1 for _, p in paths if p), default=0)
+    groups = {}
+    for i in range(depth):
+        alternatives = [rf"^{prefix}(?:{'|'.join(map(re.escape, p[i]))})(?:\.|$)" for prefix, p in paths if p.get(i)]
+        if alternatives:
+            groups[f"layer{i}"] = "|".join(alternatives)
+    if head is not None:
+        groups["head"] = head
+    return groups
+
+
+def _parallel_cfg(branch_cfg, loc_cfg, k, input_size, num_classes=1000):
+    """The pretrained_cfg (data config) of a parallel model: the branches' normalisation and
+    interpolation, the whole input at ``input_size`` (no centre crop: crop_pct 1)."""
+    first = ()
+    if loc_cfg.get("first_conv"):
+        first += _prefixed("localization.", loc_cfg["first_conv"])
+    if branch_cfg.get("first_conv"):
+        first += tuple(n for i in range(k) for n in _prefixed(f"branches.{i}.", branch_cfg["first_conv"]))
+    return {
+        **{key: branch_cfg[key] for key in ("mean", "std", "interpolation") if key in branch_cfg},
+        "input_size": tuple(input_size), "fixed_input_size": False, "crop_pct": 1.0, "crop_mode": "center",
+        "num_classes": num_classes, **({"first_conv": first} if first else {}), "classifier": "fc", **_PAPER,
+    }
+
+
 class ParallelSTNet(nn.Module):
     """K parallel spatial transformers in front of K part backbones.
 
@@ -78,6 +195,10 @@ class ParallelSTNet(nn.Module):
         img_size: the input side (448); branch_size: each branch's sampled side (224);
         loc_size: the side the localisation network sees (the input resized, 224).
         init_scale: the half-width of the starting crops (defaults to the fixed scale, else 0.5).
+
+    Attributes (timm's): ``num_features`` (channels of ``forward_features``: K times the branch
+    backbone's), ``head_hidden_size`` (width of the pre-logits: K times ``branch_features``, the
+    branch's pooled width), ``num_classes``, ``feature_info``, ``pretrained_cfg``.
     """
 
     def __init__(self, backbone="inception_v3", loc_backbone=None, num_transforms=4, num_classes=1000,
@@ -99,14 +220,17 @@ class ParallelSTNet(nn.Module):
         for i in fixed_params:
             if not isinstance(i, int) or not 0 <= i < P:
                 raise ValueError(f"fixed_params: index {i!r} is not a parameter of {self.family.name!r} (0..{P - 1})")
-        self.num_transforms, self.num_classes = num_transforms, num_classes
+        self.num_transforms, self.num_classes, self.in_chans = num_transforms, num_classes, in_chans
         self.img_size, self.branch_size, self.loc_size = img_size, branch_size, loc_size
         self.mode, self.padding_mode, self.align_corners = mode, padding_mode, align_corners
         self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self._checkpoint_loc = self._checkpoint_branches = False  # checkpoint whole (the backbone can't)
 
         loc_backbone = loc_backbone or backbone
         self.localization = _backbone(loc_backbone, backbone_pretrained, cache_dir, in_chans=in_chans)
-        self.loc_hidden = nn.Sequential(nn.Linear(self.localization.feature_dim, loc_hidden), nn.ReLU(inplace=True))
+        self.loc_hidden = nn.Sequential(nn.Linear(_pre_logits_width(self.localization), loc_hidden),
+                                        nn.ReLU(inplace=True))
         free = [i for i in range(P) if i not in fixed_params]
         scale = init_scale if init_scale is not None else fixed_params.get(0, 0.5)
         start = initial_theta(self.family, num_transforms, scale)
@@ -122,24 +246,39 @@ class ParallelSTNet(nn.Module):
 
         self.branches = nn.ModuleList(_backbone(backbone, backbone_pretrained, cache_dir, in_chans=in_chans,
                                                 global_pool=global_pool) for _ in range(num_transforms))
-        self.branch_features = self.branches[0].feature_dim
-        self.num_features = self.head_hidden_size = num_transforms * self.branch_features
+        self._sync_widths()
         self.head_drop = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        base_cfg = dict(self.branches[0].pretrained_cfg)
-        self.pretrained_cfg = self.default_cfg = {
-            **{k: base_cfg[k] for k in ("mean", "std", "interpolation") if k in base_cfg},
-            "architecture": f"stn_{backbone}_{num_transforms}x", "input_size": (in_chans, img_size, img_size),
-            "fixed_input_size": False, "crop_pct": 1.0, "crop_mode": "center", "num_classes": num_classes,
-            "pool_size": None, "first_conv": "localization", "classifier": "fc",
-        }
+        self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+        ratio = img_size / branch_size
+        self.feature_info = [
+            dict(d, num_chs=num_transforms * d["num_chs"], reduction=_reduction(d["reduction"] * ratio),
+                 branch_reduction=d["reduction"], module=f"branches.*.{d['module']}")
+            for d in getattr(self.branches[0], "feature_info", [])]
+        # built from the backbones' configs; timm.create_model replaces it with the registered one
+        # (the same, plus architecture: the registered name)
+        self.pretrained_cfg = self.default_cfg = _parallel_cfg(
+            self.branches[0].pretrained_cfg, self.localization.pretrained_cfg, num_transforms,
+            (in_chans, img_size, img_size), num_classes)
+
+    def _sync_widths(self):
+        b = self.branches[0]
+        self.branch_features = _pre_logits_width(b)  # one branch's pooled pre-logits width
+        self.num_features = self.num_transforms * b.num_features
+        self.head_hidden_size = self.num_transforms * self.branch_features
+
+    def _call(self, fn, x, whole):
+        """fn(x), under a gradient checkpoint when checkpointing is on and fn's backbone can't do it."""
+        if whole and self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+        return fn(x)
 
     # --- the transforms -------------------------------------------------------------------------
     def localize(self, x):
         """theta (N, K, P) for a batch of inputs."""
         small = x if x.shape[-1] == self.loc_size and x.shape[-2] == self.loc_size else F.interpolate(
             x, size=(self.loc_size, self.loc_size), mode="bilinear", align_corners=False, antialias=True)
-        feats = self.loc_hidden(self.localization(small))
+        feats = self.loc_hidden(self._call(self.localization, small, self._checkpoint_loc))
         with torch.autocast(x.device.type, enabled=False):  # theta in float32 even under bfloat16 autocast:
             free = self.loc_head(feats.float())            # bf16 would move a 224 px crop by ~1 px
         free = free.view(x.shape[0], self.num_transforms, -1)
@@ -154,19 +293,26 @@ class ParallelSTNet(nn.Module):
 
     # --- timm's model API -----------------------------------------------------------------------
     def forward_features(self, x, return_theta=False):
-        """The branches' pooled features, concatenated: (N, K * F) (and theta (N, K, P))."""
+        """The branches' feature maps concatenated on channels: (N, num_features = K * C, h, w), branch
+        k's in channels [k * C, (k + 1) * C) (and theta (N, K, P) with ``return_theta``)."""
         theta = self.localize(x)
         parts = self.crops(x, theta)
-        feats = torch.cat([b(parts[:, k]) for k, b in enumerate(self.branches)], dim=1)
+        feats = torch.cat([self._call(b.forward_features, parts[:, k], self._checkpoint_branches)
+                           for k, b in enumerate(self.branches)], dim=1)
         return (feats, theta) if return_theta else feats
 
-    def forward_head(self, x, pre_logits=False):
+    def forward_head(self, x, pre_logits: bool = False):
+        """Each branch's own head up to its pre-logits (pooling, MobileNetV3's conv_head) on its
+        channels of ``x``, concatenated (N, head_hidden_size), then dropout and the classifier."""
+        chunks = x.split([b.num_features for b in self.branches], dim=1)
+        x = torch.cat([b.forward_head(c, pre_logits=True) for b, c in zip(self.branches, chunks)], dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.ignore
     def get_classifier(self):
         return self.fc
 
@@ -175,12 +321,92 @@ class ParallelSTNet(nn.Module):
         if global_pool is not None:  # the branches pool their own features
             for b in self.branches:
                 b.reset_classifier(0, global_pool)
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._sync_widths()
+        w = self.loc_head.weight
+        self.fc = nn.Linear(self.head_hidden_size, num_classes, device=w.device, dtype=w.dtype) \
+            if num_classes > 0 else nn.Identity()
         self.pretrained_cfg["num_classes"] = num_classes
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        """Gradient checkpointing: delegated to each backbone that supports it (per block); a backbone
+        that does not (timm's Inception-v3) is checkpointed whole, one segment per branch and one
+        for the localisation network."""
+        self.grad_checkpointing = enable
+        self._checkpoint_loc = not _set_checkpointing(self.localization, enable)
+        self._checkpoint_branches = not all([_set_checkpointing(b, enable) for b in self.branches])
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse=False):
+        """timm's parameter grouping (layer-wise decay): layer i of the localisation backbone and of
+        every branch (by the backbone's own group_matcher) form group i; the layers that start fresh
+        (localisation head, classifier) are the last group."""
+        return _stacked_matcher([(r"localization\.", _layer_ids(self.localization, coarse)),
+                                 (r"branches\.\d+\.", _layer_ids(self.branches[0], coarse))],
+                                head=r"^(?:loc_hidden|loc_head|fc)\.")
 
     def localization_parameters(self):
         """The localisation network and its head (to train at a lower rate, as in the paper)."""
         return [*self.localization.parameters(), *self.loc_hidden.parameters(), *self.loc_head.parameters()]
+
+    # --- timm's feature API ---------------------------------------------------------------------
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm's ``forward_intermediates``: the maps of the stages ``indices`` selects (of
+        ``feature_info``: None all, n the last n, or a list), each the K branches' maps concatenated
+        on channels; with the final map (``forward_features``'s) first unless ``intermediates_only``."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt: only 'NCHW' is supported, got {output_fmt!r}")
+        if not hasattr(self.branches[0], "forward_intermediates"):
+            raise NotImplementedError(f"forward_intermediates: the branch backbone "
+                                      f"{type(self.branches[0]).__name__} has no forward_intermediates")
+        parts = self.crops(x)
+        outs = [self._call(functools.partial(b.forward_intermediates, indices=indices, norm=norm,
+                                             stop_early=stop_early, output_fmt=output_fmt,
+                                             intermediates_only=intermediates_only),
+                           parts[:, k], self._checkpoint_branches)
+                for k, b in enumerate(self.branches)]
+        if intermediates_only:
+            return [torch.cat(maps, 1) for maps in zip(*outs)]
+        return torch.cat([o[0] for o in outs], 1), [torch.cat(maps, 1) for maps in zip(*(o[1] for o in outs))]
+
+    def prune_intermediate_layers(self, indices=1, prune_norm=False, prune_head=True):
+        """Drop the branches' layers after the last stage ``indices`` selects (and the head, with
+        ``prune_head``); the localisation network stays whole. Returns the kept indices."""
+        kept = [b.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+                for b in self.branches][0]
+        width = self.head_hidden_size
+        self._sync_widths()
+        if prune_head or self.head_hidden_size != width:
+            self.reset_classifier(0)
+        return kept
+
+
+def _reduction(r):
+    return int(r) if float(r).is_integer() else r
+
+
+class _StageHook:
+    """The forward hook applying a transformer to a stage's output. An object, not a closure, so that
+    ``copy.deepcopy`` of the model (timm's ModelEma) binds the copy's hook to the copy's transformer,
+    and the model pickles."""
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+        self.calls = 0
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        return self.transformer(output)
+
+
+def _output_module(module):
+    """The module whose output is ``module``'s: down the last children of plain ``nn.Sequential``s
+    (MobileNetV3's stages, ResNet's layers), so that a hook on it also runs when the backbone
+    calls the stage's blocks one by one (timm's gradient checkpointing, ``checkpoint_seq``)."""
+    while type(module) is nn.Sequential and len(module):
+        module = module[-1]
+    return module
 
 
 class STMultiNet(nn.Module):
@@ -191,7 +417,7 @@ class STMultiNet(nn.Module):
     transformer acts before stage i + 1. Each transformer has a small localisation head on the
     feature map it transforms and keeps the map's size. The backbone stays a whole timm model: its
     own ``forward_features``/``forward_head``/classifier are used, the transformers being applied by
-    forward hooks on the stage modules.
+    forward hooks on the stage modules (a forward whose backbone skipped one raises).
     """
 
     def __init__(self, backbone="resnet18", stages=(0,), transform="affine", num_classes=1000, pretrained=False,
@@ -208,6 +434,7 @@ class STMultiNet(nn.Module):
         self.stages = stages
         self.transformers = nn.ModuleDict()
         self._hooks = []
+        self._stage_hooks = {}
         for s in stages:
             chs = in_chans if s == 0 else info[s - 1]["num_chs"]
             loc = nn.Sequential(nn.Conv2d(chs, loc_channels, 3, padding=1), nn.ReLU(inplace=True),
@@ -215,33 +442,80 @@ class STMultiNet(nn.Module):
                                 nn.ReLU(inplace=True))
             self.transformers[str(s)] = st.SpatialTransformer(loc, transform=transform, **transform_options)
             if s > 0:
-                module = self.backbone.get_submodule(info[s - 1]["module"])
-                self._hooks.append(module.register_forward_hook(self._hook(str(s))))
-        self.num_features = self.backbone.num_features
-        self.head_hidden_size = getattr(self.backbone, "head_hidden_size", self.num_features)
-        self.pretrained_cfg = self.default_cfg = dict(self.backbone.pretrained_cfg)
+                hook = self._stage_hooks[str(s)] = _StageHook(self.transformers[str(s)])
+                module = _output_module(self.backbone.get_submodule(info[s - 1]["module"]))
+                self._hooks.append(module.register_forward_hook(hook))
+        self.feature_info = info
+        self.grad_checkpointing = False
+        self._sync()
+        cfg = {k: v for k, v in getattr(self.backbone, "pretrained_cfg", {}).items() if k not in _WEIGHT_KEYS}
+        for key in ("first_conv", "classifier"):  # module names: now under backbone.
+            if isinstance(cfg.get(key), str):
+                cfg[key] = "backbone." + cfg[key]
+            elif cfg.get(key):
+                cfg[key] = _prefixed("backbone.", cfg[key])
+        self.pretrained_cfg = self.default_cfg = cfg
 
-    def _hook(self, key):
-        def apply(module, args, output):
-            return self.transformers[key](output)
-        return apply
+    def _sync(self):
+        self.num_classes = self.backbone.num_classes
+        self.num_features = self.backbone.num_features
+        self.head_hidden_size = _pre_logits_width(self.backbone)
 
     def forward_features(self, x):
+        for hook in self._stage_hooks.values():
+            hook.calls = 0
         if 0 in self.stages:
             x = self.transformers["0"](x)
-        return self.backbone.forward_features(x)
+        x = self.backbone.forward_features(x)
+        missed = [k for k, hook in self._stage_hooks.items() if not hook.calls]
+        if missed:
+            raise RuntimeError(
+                f"STMultiNet: the transformers after feature stages {', '.join(missed)} did not run: the backbone "
+                f"({type(self.backbone).__name__}) bypassed the modules they hook "
+                f"({', '.join(self.feature_info[int(k) - 1]['module'] for k in missed)})")
+        return x
 
-    def forward_head(self, x, pre_logits=False):
+    def forward_head(self, x, pre_logits: bool = False):
         return self.backbone.forward_head(x, pre_logits=pre_logits)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
+    @torch.jit.ignore
     def get_classifier(self):
         return self.backbone.get_classifier()
 
     def reset_classifier(self, num_classes, *args, **kwargs):
         self.backbone.reset_classifier(num_classes, *args, **kwargs)
+        self._sync()
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable=True):
+        """Delegated to the backbone (the transformers run inside its checkpointed segments). A
+        backbone without it (timm's Inception-v3) raises: checkpointing the whole network as one
+        segment would save no memory."""
+        if not _set_checkpointing(self.backbone, enable) and enable:
+            raise NotImplementedError(f"set_grad_checkpointing: the backbone ({type(self.backbone).__name__}) "
+                                      f"does not support gradient checkpointing")
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse=False):
+        """The backbone's own grouping (under ``backbone.``), the transformers (which start fresh) in
+        its last group, with its classifier."""
+        groups = _stacked_matcher([(r"backbone\.", _layer_ids(self.backbone, coarse))])
+        last = next(reversed(groups))
+        groups[last] += r"|^transformers\."
+        return groups
+
+    def forward_intermediates(self, x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """The backbone's ``forward_intermediates`` with the transformers applied (at its
+        ``feature_info`` stages)."""
+        if 0 in self.stages:
+            x = self.transformers["0"](x)
+        return self.backbone.forward_intermediates(x, indices=indices, norm=norm, stop_early=stop_early,
+                                                   output_fmt=output_fmt, intermediates_only=intermediates_only)
 
     def localization_parameters(self):
         return [p for t in self.transformers.values() for p in [*t.localization.parameters(), *t.head.parameters()]]
@@ -249,34 +523,71 @@ class STMultiNet(nn.Module):
 
 # --- timm registrations ---------------------------------------------------------------------------
 
-def _create(backbone, k, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
-            **kwargs):
-    """``pretrained=True`` loads every backbone's ImageNet weights through timm's own loading; the
+_VARIANTS = {
+    # the paper's CUB models: Inception-v3 localisation and parts, 448 px input, 224 px parts
+    "stn_inception_v3_2x": dict(backbone="inception_v3", num_transforms=2, img_size=448, branch_size=224,
+                                loc_size=224),
+    "stn_inception_v3_4x": dict(backbone="inception_v3", num_transforms=4, img_size=448, branch_size=224,
+                                loc_size=224),
+    # a light variant for the CPU
+    "stn_mobilenetv3_small_2x": dict(backbone="mobilenetv3_small_100", num_transforms=2, img_size=224,
+                                     branch_size=112, loc_size=112),
+}
+_FIXED = ("backbone", "num_transforms")
+
+
+def _registered_cfg(backbone, num_transforms, img_size, **_):
+    cfg = timm.models.get_pretrained_cfg(backbone).to_dict()
+    return _parallel_cfg(cfg, cfg, num_transforms, (3, img_size, img_size))
+
+
+default_cfgs = generate_default_cfgs({name: _registered_cfg(**args) for name, args in _VARIANTS.items()})
+
+
+def _create(variant, pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
+    """timm's ``build_model_with_cfg``: the registered config (``architecture`` = the variant), its
+    input size and class count set to the model's, and ``features_only`` (timm's FeatureGetterNet).
+    ``pretrained=True`` loads every backbone's ImageNet weights through timm's own loading; the
     transformer heads and the classifier start fresh (localisation head at the starting regions)."""
-    if kwargs.pop("features_only", False):
-        raise ValueError("features_only: not supported by the parallel spatial transformer models")
-    return ParallelSTNet(backbone=backbone, num_transforms=k, backbone_pretrained=pretrained, cache_dir=cache_dir,
-                         **kwargs)
+    args = _VARIANTS[variant]
+    clash = [k for k in _FIXED if k in kwargs]
+    if clash:
+        raise TypeError(f"{variant}: {' and '.join(clash)}: set by the model's name; build ParallelSTNet(...) "
+                        f"for another combination")
+    if kwargs.get("features_only"):
+        cls = kwargs.get("feature_cls", "getter")
+        if not (isinstance(cls, str) and cls.lower() == "getter"
+                or any(c.__name__ == "FeatureGetterNet" for c in getattr(cls, "__mro__", ()))):
+            raise ValueError(f"{variant}: features_only supports feature_cls='getter' only (got {cls!r}): its maps "
+                             f"(the branches' maps concatenated) come from forward_intermediates, they are not the "
+                             f"output of single modules as the hook, dict and fx extractors need")
+    kwargs = {**{k: v for k, v in args.items() if k not in _FIXED}, **kwargs}
+    overlay = {"input_size": (kwargs.get("in_chans", 3), kwargs["img_size"], kwargs["img_size"])}
+    if "num_classes" in kwargs:
+        overlay["num_classes"] = kwargs["num_classes"]
+    overlay.update(pretrained_cfg_overlay or {})
+    model_cls = functools.partial(ParallelSTNet, backbone_pretrained=pretrained, cache_dir=cache_dir,
+                                  **{k: args[k] for k in _FIXED})
+    # pretrained=False to timm: there are no weights of the whole model, the backbones load their own
+    return build_model_with_cfg(model_cls, variant, pretrained=False, pretrained_cfg=pretrained_cfg,
+                                pretrained_cfg_overlay=overlay, feature_cfg=dict(feature_cls="getter"), **kwargs)
 
 
 @register_model
 def stn_inception_v3_2x(pretrained=False, **kwargs):
     """The paper's CUB model with 2 attention transformers: Inception-v3 localisation and parts,
     448 px input, each part sampled at 224 px."""
-    return _create("inception_v3", 2, pretrained, **kwargs)
+    return _create("stn_inception_v3_2x", pretrained, **kwargs)
 
 
 @register_model
 def stn_inception_v3_4x(pretrained=False, **kwargs):
     """The paper's CUB model with 4 attention transformers (84.1% on CUB-200-2011 in the paper)."""
-    return _create("inception_v3", 4, pretrained, **kwargs)
+    return _create("stn_inception_v3_4x", pretrained, **kwargs)
 
 
 @register_model
 def stn_mobilenetv3_small_2x(pretrained=False, **kwargs):
     """A light variant for the CPU: MobileNetV3-Small localisation and parts, 2 transformers,
     224 px input, each part sampled at 112 px."""
-    kwargs.setdefault("img_size", 224)
-    kwargs.setdefault("branch_size", 112)
-    kwargs.setdefault("loc_size", 112)
-    return _create("mobilenetv3_small_100", 2, pretrained, **kwargs)
+    return _create("stn_mobilenetv3_small_2x", pretrained, **kwargs)

@@ -89,6 +89,14 @@ def new_output(x, K, Ho, Wo):
     return _empty((N, K, C, Ho, Wo), x.dtype, x.device)
 
 
+def in_layout_of(out, x):
+    """``out`` (N, K, C, Ho, Wo) in the memory format :func:`new_output` gives for ``x`` (a copy only when
+    it is not already): the layout every path returns."""
+    if _is_channels_last(x):
+        return out.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    return out.contiguous()
+
+
 def _extent(t):
     """One past the largest element offset a kernel can form in ``t`` (its strides, its sizes)."""
     if t is None or t.numel() == 0:

@@ -1,8 +1,15 @@
 """The timm integration: registered models, timm's API contract, ST-CNN Multi, the CUB dataset."""
 
+import copy
+import math
+import re
+import types
+
 import pytest
 import timm
+import timm.optim
 import torch
+from timm.models import group_parameters
 
 import stn_triton.integrations.timm  # noqa: F401  (registers the models)
 from stn_triton.integrations.timm import CUB200, ParallelSTNet, STMultiNet, cub_transforms, region_centres
@@ -27,28 +34,165 @@ def test_registered():
     assert set(SMALL) <= set(timm.list_models("stn_*"))
 
 
+def _check_param_groups(model, first, last):
+    """timm's layer-wise grouping: every parameter matched by one of group_matcher's regexes (fine
+    and coarse), every parameter in exactly one of timm's layer-decay optimizer groups, the
+    parameters ``first`` in the lowest group, ``last`` in the top one."""
+    names = [n for n, _ in model.named_parameters()]
+    for coarse in (False, True):
+        matcher = model.group_matcher(coarse=coarse)
+        regexes = [re.compile(r) for r in matcher.values()]
+        assert [n for n in names if not any(r.match(n) for r in regexes)] == []
+        layers = group_parameters(model, matcher, reverse=True)
+        assert set(layers) == set(names) and len(set(layers.values())) > 2
+        assert {layers[n] for n in first} == {0} and {layers[n] for n in last} == {max(layers.values())}
+    opt = timm.optim.create_optimizer_v2(model, "sgd", lr=0.1, layer_decay=0.7)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(scale) == len(names)
+    params = dict(model.named_parameters())
+    assert all(scale[id(params[n])] == 1.0 for n in last)
+    assert len({scale[id(params[n])] for n in first}) == 1 and scale[id(params[first[0]])] < 0.7 ** 3
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_forward_backward_and_timm_api(reference, name):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=7, **SMALL[name])
+    assert model.pretrained_cfg["architecture"] == name  # the registered name, not one made from the backbone's
+    assert timm.models.get_pretrained_cfg(name).architecture == name  # a registered default config
     K = model.num_transforms
     x = torch.randn(2, 3, SMALL[name]["img_size"], SMALL[name]["img_size"])
     out = model(x)
     assert out.shape == (2, 7)
     out.logsumexp(1).sum().backward()
     assert model.loc_head.weight.grad.abs().sum() > 0  # gradients reach the localisation network
-    assert all(b.conv_stem.weight.grad is not None if hasattr(b, "conv_stem") else True for b in model.branches)
+    # every parameter took part (DDP without find_unused_parameters)
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # first_conv names the stems (layer-wise decay's lowest group), the classifier is the top one
+    _check_param_groups(model, [f"{c}.weight" for c in model.pretrained_cfg["first_conv"]],
+                        ["fc.weight", "loc_head.weight", "loc_hidden.0.weight"])
+    assert len(model.pretrained_cfg["first_conv"]) == K + 1
     model.eval()
     with torch.no_grad():
-        feats = model.forward_features(x)
-        assert feats.shape == (2, model.num_features) and model.num_features == K * model.branch_features
+        feats = model.forward_features(x)  # timm's convention: the unpooled maps
+        b = model.branches[0]
+        assert feats.ndim == 4 and feats.shape[:2] == (2, model.num_features)
+        assert model.num_features == K * b.num_features
         pre = model.forward_head(feats, pre_logits=True)
-        assert pre.shape == (2, model.num_features)
+        assert pre.shape == (2, model.head_hidden_size) and model.head_hidden_size == K * model.branch_features
+        assert model.branch_features == getattr(b, "head_hidden_size", b.num_features)
+        assert model.fc.in_features == model.head_hidden_size
         torch.testing.assert_close(model.forward_head(feats), model.get_classifier()(pre))
         model.reset_classifier(3)
         assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
         model.reset_classifier(0)
-        assert model(x).shape == (2, model.num_features)
+        assert model(x).shape == (2, model.head_hidden_size)
+
+
+def test_forward_features_maps_and_head_give_the_same_logits(reference):
+    """forward_features is the branches' maps, forward_head pools each through its branch's head:
+    the logits are those of the pooled-features model (each branch's pooled pre-logits features,
+    concatenated, then fc)."""
+    torch.manual_seed(0)
+    model = timm.create_model("stn_mobilenetv3_small_2x", num_classes=5, **SMALL["stn_mobilenetv3_small_2x"])
+    with torch.no_grad():
+        model.loc_head.weight.normal_(std=0.1)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(x)
+        feats, theta = model.forward_features(x, return_theta=True)
+        torch.testing.assert_close(theta, model.localize(x))
+        parts = model.crops(x, theta)
+        torch.testing.assert_close(feats, torch.cat([b.forward_features(parts[:, k])
+                                                     for k, b in enumerate(model.branches)], 1))
+        torch.testing.assert_close(model.forward_head(feats), logits)
+        pooled = torch.cat([b(parts[:, k]) for k, b in enumerate(model.branches)], 1)  # the earlier computation
+        assert pooled.shape == (2, model.head_hidden_size)
+        torch.testing.assert_close(model.forward_head(feats, pre_logits=True), pooled)
+        torch.testing.assert_close(logits, model.fc(pooled))
+
+
+def _grads(model, x):
+    model.zero_grad(set_to_none=True)
+    model(x).logsumexp(1).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _refuses(enable=True):  # as timm's Inception-v3 does
+    assert not enable, "gradient checkpointing not supported"
+
+
+@pytest.mark.parametrize("backbones_can", [True, False], ids=["delegated", "whole-backbone"])
+def test_grad_checkpointing(reference, backbones_can):
+    """With checkpointing the checkpointed layers run again in the backward pass, and the gradients
+    are the same. Backbones that refuse it (Inception-v3) are checkpointed whole."""
+    torch.manual_seed(0)
+    model = timm.create_model("stn_mobilenetv3_small_2x", num_classes=4, **SMALL["stn_mobilenetv3_small_2x"])
+    with torch.no_grad():
+        model.loc_head.weight.normal_(std=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    want = _grads(model, x)
+    ckpt = copy.deepcopy(model)
+    if not backbones_can:
+        for net in (ckpt.localization, *ckpt.branches):
+            net.set_grad_checkpointing = _refuses
+    ckpt.set_grad_checkpointing(True)
+    assert ckpt.grad_checkpointing and all(getattr(n, "grad_checkpointing", False) == backbones_can
+                                           for n in (ckpt.localization, *ckpt.branches))
+    calls = []
+    for net in (ckpt.localization, *ckpt.branches):  # a layer inside each backbone (a pre-hook: the
+        net.blocks[1][0].register_forward_pre_hook(lambda *_: calls.append(1))  # recomputation stops early)
+    got = _grads(ckpt, x)
+    assert len(calls) == 2 * 3  # the forward, and again in the backward
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+    ckpt.set_grad_checkpointing(False)
+    calls.clear()
+    _grads(ckpt, x)
+    assert len(calls) == 3
+
+
+def test_features_only(reference):
+    """timm's feature API: features_only gives, at each stage, the branches' maps concatenated on
+    channels, with a true feature_info."""
+    size = SMALL["stn_mobilenetv3_small_2x"]
+    torch.manual_seed(0)
+    net = timm.create_model("stn_mobilenetv3_small_2x", features_only=True, **size)
+    torch.manual_seed(0)
+    full = timm.create_model("stn_mobilenetv3_small_2x", **size)
+    assert full.load_state_dict(net.model.state_dict(), strict=False).unexpected_keys == []
+    net.eval(), full.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = net(x)
+        parts = full.crops(x)
+        per_branch = [b.forward_intermediates(parts[:, k], intermediates_only=True)
+                      for k, b in enumerate(full.branches)]
+        final, intermediates = full.forward_intermediates(x)
+        torch.testing.assert_close(final, full.forward_features(x))
+    info = net.feature_info
+    assert len(maps) == len(info) == len(intermediates) == 5
+    branch_info = full.branches[0].feature_info
+    for i, (m, ch, red) in enumerate(zip(maps, info.channels(), info.reduction())):
+        assert m.shape[:2] == (2, ch) and ch == 2 * branch_info[i]["num_chs"]
+        assert m.shape[-1] == m.shape[-2] == math.ceil(size["img_size"] / red)
+        torch.testing.assert_close(m, torch.cat([b[i] for b in per_branch], 1))
+        torch.testing.assert_close(m, intermediates[i])
+    assert net.pretrained_cfg["architecture"] == "stn_mobilenetv3_small_2x"
+    # a selection: the branches are cut after the last selected stage, head and classifier go
+    two = timm.create_model("stn_mobilenetv3_small_2x", features_only=True, out_indices=(1, 3), **size)
+    assert two.feature_info.channels() == [2 * branch_info[1]["num_chs"], 2 * branch_info[3]["num_chs"]]
+    out = two(x)
+    assert [o.shape[1] for o in out] == two.feature_info.channels()
+    assert not [n for n, _ in two.named_parameters() if n.startswith("model.fc.")
+                or n.startswith("model.branches.") and (".conv_head." in n or ".blocks.4." in n)]
+    assert [n for n, _ in two.named_parameters() if n.startswith("model.localization.conv_head.")]  # stays whole
+    sum(o.sum() for o in out).backward()  # every parameter left is used (DDP)
+    assert [n for n, p in two.named_parameters() if p.grad is None] == []
+    with pytest.raises(ValueError, match=r"features_only supports feature_cls='getter' only"):
+        timm.create_model("stn_mobilenetv3_small_2x", features_only=True, feature_cls="hook", **size)
 
 
 def test_pretrained_cfg_and_data_config():
@@ -141,10 +285,49 @@ def test_st_multi(reference):
     multi(x).sum().backward()
     assert all(t.head.weight.grad.abs().sum() > 0 for t in multi.transformers.values())
     assert multi.forward_head(multi.forward_features(x), pre_logits=True).shape == (2, multi.head_hidden_size)
+    assert multi.forward_features(x).shape[1] == multi.num_features == multi.backbone.num_features
     multi.reset_classifier(3)
-    assert multi(x).shape == (2, 3)
+    assert multi(x).shape == (2, 3) and multi.num_classes == 3
     with pytest.raises(ValueError, match=r"stages: expected distinct ints in 0..5"):
         STMultiNet("mobilenetv3_small_100", stages=(9,))
+    # timm's API, as the backbone's: feature API, pretrained_cfg naming this model's modules, layer decay
+    assert multi.feature_info == multi.backbone.feature_info
+    maps = multi.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert [m.shape[1] for m in maps] == [multi.feature_info[i]["num_chs"] for i in (1, 3)]
+    assert multi.pretrained_cfg["first_conv"] == "backbone.conv_stem" and "architecture" not in multi.pretrained_cfg
+    _check_param_groups(multi, ["backbone.conv_stem.weight"],
+                        ["backbone.classifier.weight", *(f"transformers.{s}.head.weight" for s in ("0", "2", "4"))])
+
+
+def test_st_multi_grad_checkpointing_and_copies(reference):
+    """The transformers inside a backbone still run with its gradient checkpointing (timm's
+    MobileNetV3 then calls the blocks of a stage one by one), with the same gradients; a copy
+    (timm's ModelEma) runs its own transformers; a backbone that bypasses a hooked stage raises."""
+    torch.manual_seed(0)
+    multi = STMultiNet("mobilenetv3_small_100", stages=(0, 2, 4), num_classes=6)
+    x = torch.randn(2, 3, 64, 64)
+    multi(x)  # the transformers' heads are lazy
+    with torch.no_grad():
+        for t in multi.transformers.values():
+            t.head.weight.normal_(std=0.05)
+    want = _grads(multi, x)
+    ckpt = copy.deepcopy(multi)
+    ckpt.set_grad_checkpointing(True)
+    assert ckpt.backbone.grad_checkpointing and not multi.backbone.grad_checkpointing
+    got = _grads(ckpt, x)  # the copy's transformers have gradients: its hooks are its own
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], msg=n)
+    multi.zero_grad(set_to_none=True)
+    ckpt(x).sum().backward()
+    assert all(p.grad is None for p in multi.parameters())
+    stem_only = types.MethodType(lambda self, x: self.bn1(self.conv_stem(x)), ckpt.backbone)
+    ckpt.backbone.forward_features = stem_only
+    with pytest.raises(RuntimeError, match=r"transformers after feature stages 2, 4 did not run"):
+        ckpt.forward_features(x)
+    refusing = STMultiNet("mobilenetv3_small_100", stages=(1,))
+    refusing.backbone.set_grad_checkpointing = _refuses
+    with pytest.raises(NotImplementedError, match=r"backbone \(MobileNetV3\) does not support gradient checkpointing"):
+        refusing.set_grad_checkpointing(True)
 
 
 # --- the CUB dataset -------------------------------------------------------------------------------

@@ -157,3 +157,13 @@ def test_spatial_transformer_starts_at_identity_and_groups(device):
     assert tps(torch.randn(2, 1, 9, 9)).shape == (2, 1, 6, 7)  # B built for the module's align_corners
     groups = tps.parameter_groups(0.1)
     assert len(groups) == 2 and groups[1]["params"][0] is tps.family.basis and groups[1]["lr"] == 0.1
+
+
+def test_misspelt_option_names_the_valid_ones():
+    with pytest.raises(TypeError, match=r"transform 'tps' has no option 'grid_sise' \(did you mean 'grid_size'\?\); "
+                                        r"its options: grid_size=\(4, 4\), learnable_basis=False, size=None, "
+                                        r"align_corners=False"):
+        get_transform("tps", grid_sise=(3, 3))
+    with pytest.raises(TypeError, match=r"transform 'affine' has no option 'scale'; its options: none"):
+        get_transform("affine", scale=2)
+    assert get_transform("piecewise_affine", grid_size=(3, 3)).num_params == 18

@@ -159,6 +159,9 @@ def test_broken_plugins_warn_once_each_and_are_skipped(plugin_dist, broken_plugi
                     ("affine", "'affine' is already registered")]:
         (w,) = [w for w in warned if f"entry point {ep!r}" in w]
         assert "distribution 'broken-stn-plugins'" in w and why in w, w
+    (clash,) = [w for w in warned if "entry point 'affine'" in w]
+    assert "override=True" not in clash  # an entry point cannot pass it: say what can resolve the clash
+    assert "rename the entry point" in clash and "STN_TRITON_NO_PLUGINS=1" in clash
 
 
 def test_opt_out_variable(plugin_dist, broken_plugins):
