@@ -19,6 +19,7 @@ quietly() {  # run a setup step; show its output only if it fails
 if [ ! -f "$VENV/.complete" ]; then
     echo "[env] creating $VENV (first run on this machine: installs torch, several minutes)" >&2
     rm -rf "$VENV"
+    mkdir -p "$(dirname "$VENV")"
     : >"$LOG"
     quietly "$PY" -m venv "$VENV"
     quietly "$VENV/bin/python" -m pip install --upgrade pip "setuptools>=77"
