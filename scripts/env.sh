@@ -16,10 +16,12 @@ quietly() {  # run a setup step; show its output only if it fails
         return 1
     fi
 }
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9  # one setup at a time: two commands started together must not build the same environment
 if [ ! -f "$VENV/.complete" ]; then
     echo "[env] creating $VENV (first run on this machine: installs torch, several minutes)" >&2
     rm -rf "$VENV"
-    mkdir -p "$(dirname "$VENV")"
     : >"$LOG"
     quietly "$PY" -m venv "$VENV"
     quietly "$VENV/bin/python" -m pip install --upgrade pip "setuptools>=77"
@@ -33,6 +35,8 @@ elif [ "$(cat "$VENV/.checkout" 2>/dev/null)" != "$ROOT" ]; then
     quietly "$VENV/bin/python" -m pip install --no-deps --no-build-isolation -e "$ROOT" -e "$PLUGIN"
     echo "$ROOT" >"$VENV/.checkout"
 fi
+flock -u 9
+exec 9>&-
 export PATH="$VENV/bin:$PATH"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT"

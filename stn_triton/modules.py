@@ -23,16 +23,17 @@ def spatial_transform(x, theta, transform="affine", size=None, mode="bilinear", 
     fused kernel form the family maps to. ``options`` construct the family (e.g. ``grid_size``)."""
     family = _family(transform, options)
     Fn._check_input(x)
+    align_corners = Fn._check_options(mode, padding_mode, align_corners)
     size = Fn._check_size(size, x)
     Fn._check_tensor("theta", theta)
     if theta.dim() not in (2, 3) or theta.shape[-1] != family.num_params:
-        raise ValueError(f"theta: family {family.name!r} takes {family.num_params} parameters, expected shape "
+        raise Fn.ArgumentError(f"theta: family {family.name!r} takes {family.num_params} parameters, expected shape "
                          f"(N, {family.num_params}) or (N, K, {family.num_params}), got {tuple(theta.shape)}")
     if theta.shape[0] != x.shape[0]:
-        raise ValueError(f"theta: batch size {theta.shape[0]} does not match the batch size of x, {x.shape[0]}")
+        raise Fn.ArgumentError(f"theta: batch size {theta.shape[0]} does not match the batch size of x, {x.shape[0]}")
     had_k = theta.dim() == 3
     N, K = theta.shape[0], theta.shape[1] if had_k else 1
-    form = family.kernel_form(theta.reshape(N * K, -1), size, align_corners)
+    form = family.kernel_form(theta.reshape(N * K, family.num_params), size, align_corners)
     m = form.m.reshape(N, K, *form.m.shape[1:])
     if not had_k:
         m = m[:, 0]

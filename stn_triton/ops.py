@@ -106,8 +106,39 @@ def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_
         g0 = grad_prm.reshape(p0.shape).to(p0.dtype) if need_p0 else None
     grads = [grad_x, g0]
     if form == "basis":
-        grads.append(launch.basis_grad(prm, gg, D, Ho * Wo).to(params[1].dtype) if need_basis else None)
+        if not need_basis:
+            grads.append(None)
+        elif x.shape[1] * prm.shape[0] == 0:  # an empty output: dL/dB is zero, no kernel runs
+            grads.append(torch.zeros_like(params[1]))
+        else:
+            grads.append(launch.basis_grad(prm, gg, D, Ho * Wo).to(params[1].dtype))
     return grads
+
+
+def double_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs, ggrads, wanted):
+    """The backward of a backward op: the gradients of <dL/dx, dL/dparams> (weighted by ``ggrads``)
+    with respect to (grad_out, x, params), for the ``wanted`` ones (None for the others).
+
+    The first derivatives are recomputed by plain autograd through the reference (PyTorch's
+    ``grid_sample``, whose backward is differentiable), then differentiated once more: the second
+    order is a composition of PyTorch ops; the first order stays the fused kernels'.
+    """
+    size = [int(s) for s in size]
+    needs = list(needs) + [False] * (1 + len(params) - len(needs))
+    pairs = [(i, g) for i, (need, g) in enumerate(zip(needs, ggrads)) if need and g is not None]
+    if not pairs or not any(wanted):
+        return [None] * len(wanted)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in (grad_out, x, *params)]
+        go, xs, ps = leaves[0], leaves[1], leaves[2:]
+        out = reference.form_sample(form, xs, ps, size, mode, padding_mode, align_corners)
+        firsts = torch.autograd.grad(out, [(xs, *ps)[i] for i, _ in pairs], go, create_graph=True, allow_unused=True)
+        used = [(f, g) for f, (_, g) in zip(firsts, pairs) if f is not None]
+        inputs = [t for t, w in zip(leaves, wanted) if w]
+        if not used or not inputs:
+            return [None] * len(wanted)
+        got = iter(torch.autograd.grad([f for f, _ in used], inputs, [g for _, g in used], allow_unused=True))
+    return [next(got) if w else None for w in wanted]
 
 
 def _fake_forward(form, x, params, size, mode, padding_mode, align_corners):
@@ -149,6 +180,17 @@ def _define(form, names):
         return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * len(ctx.tail)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)
+
+    def setup_context_bwd(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[: n + 2])  # grad_out, x, params
+        ctx.tail = inputs[n + 2:]  # size, mode, padding_mode, align_corners, needs
+
+    def backward_bwd(ctx, *ggrads):
+        grad_out, x, *params = ctx.saved_tensors
+        grads = double_backward(form, grad_out, x, params, *ctx.tail, ggrads, ctx.needs_input_grad[: n + 2])
+        return (*grads, *(None,) * len(ctx.tail))
+
+    bwd_op.register_autograd(backward_bwd, setup_context=setup_context_bwd)
     for device_type in ("cuda", "cpu"):
         _register_autocast(f"{form}_sample", fwd_op, n, device_type)
     return fwd_op, bwd_op

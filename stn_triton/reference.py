@@ -31,6 +31,9 @@ def base_grid(size, align_corners, dtype, device):
 def affine_grid(theta, size, align_corners):
     """theta (N, K, 2, 3) -> grid (N, K, Ho, Wo, 2)."""
     N, K = theta.shape[:2]
+    if N * K * size[0] * size[1] == 0:  # F.affine_grid refuses empty sizes; the grid is empty either way
+        return torch.einsum("nkij,pj->nkpi", theta, base_grid(size, align_corners, theta.dtype, theta.device)
+                            ).reshape(N, K, *size, 2)
     g = F.affine_grid(theta.reshape(N * K, 2, 3), (N * K, 1, *size), align_corners=align_corners)
     return g.reshape(N, K, *size, 2)
 

@@ -37,6 +37,8 @@ def base_grid(size, align_corners, dtype=torch.float32, device=None):
     """The regular output grid in homogeneous coordinates, (3, Ho*Wo) rows [x, y, 1], as
     ``F.affine_grid`` makes it (pixels row-major)."""
     Ho, Wo = size
+    if Ho * Wo == 0:  # F.affine_grid refuses empty sizes
+        return torch.empty(3, 0, dtype=dtype, device=device)
     eye = torch.eye(2, 3, dtype=dtype, device=device)[None]
     xy = torch.nn.functional.affine_grid(eye, (1, 1, Ho, Wo), align_corners=align_corners).reshape(-1, 2)
     return torch.cat([xy, torch.ones_like(xy[:, :1])], dim=1).T

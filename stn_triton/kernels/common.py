@@ -5,9 +5,9 @@ The coordinate of one output pixel goes through three steps, each exactly as PyT
 
 .. math::
 
-    i_x = a_x g_x + b_x, \\qquad
-    a_x = \\begin{cases} (W-1)/2 & \\text{align\\_corners} \\\\ W/2 & \\text{otherwise} \\end{cases},
-    \\quad b_x = (W-1)/2
+    i_x = \\begin{cases} \\frac{g_x + 1}{2} (W - 1) & \\text{align\\_corners} \\\\
+                          \\frac{(g_x + 1) W - 1}{2} & \\text{otherwise} \\end{cases}, \\qquad
+    a_x = \\frac{\\partial i_x}{\\partial g_x} = \\begin{cases} (W-1)/2 \\\\ W/2 \\end{cases}
 
     i_x \\leftarrow \\mathrm{pad}(i_x), \\qquad
     \\frac{\\partial i_x}{\\partial g_x} = a_x \\, \\mathrm{pad}'(i_x)
@@ -76,9 +76,24 @@ def reflect_with_grad(i, size, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def source_index(g, a, b, size, PAD: tl.constexpr, ALIGN: tl.constexpr):
-    """Normalised coordinate ``g`` -> input pixel coordinate and ``d index / d g`` (fp32)."""
-    i = g * a + b
+def source_index(g, size, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr):
+    """Normalised coordinate ``g`` -> input pixel coordinate and ``d index / d g`` (fp32).
+
+    Operation for operation PyTorch's ``grid_sampler_compute_source_index`` as its CUDA kernel
+    computes it: ``((g + 1) / 2) * (size - 1)`` with align_corners, ``((g + 1) * size - 1) / 2``
+    without, where nvcc fuses ``(g + 1) * size - 1`` into one correctly rounded multiply-add. A
+    rearranged ``a * g + b`` rounds differently, and at a pixel centre that picks the other pair of
+    neighbours. ``FMA``: compiled, ``tl.fma``; Triton's interpreter rounds its fma twice, so there
+    the multiply-add is done in float64 and rounded once."""
+    if ALIGN:
+        a = (size - 1) * 0.5
+        i = ((g + 1.0) * 0.5) * (size - 1.0)
+    else:
+        a = size * 0.5
+        if FMA:
+            i = tl.fma(g + 1.0, size * 1.0, -1.0) * 0.5
+        else:
+            i = ((g + 1.0).to(tl.float64) * size - 1.0).to(tl.float32) * 0.5
     if PAD == 1:
         i, d = clip_with_grad(i, size)
     elif PAD == 2:

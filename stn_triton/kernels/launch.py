@@ -58,20 +58,15 @@ def _empty_like(t):
 # --------------------------------------------------------------------------------------------------
 
 def _geometry(H, W, Ho, Wo, align_corners):
-    """Host constants: base-grid scale/offset per axis and the unnormalisation a*g + b."""
+    """Host constants of affine_grid's base grid per axis: x_j = bsx * j + box, y_i = bsy * i + boy."""
 
     def base(n):
         if align_corners:
             return (2.0 / (n - 1), -1.0) if n > 1 else (0.0, 0.0)
-        return 2.0 / n, 1.0 / n - 1.0
-
-    def unnorm(size):
-        a = (size - 1) / 2.0 if align_corners else size / 2.0
-        return a, (size - 1) / 2.0
+        return (2.0 / n, 1.0 / n - 1.0) if n > 0 else (0.0, 0.0)  # an empty output samples nothing
 
     (bsx, box), (bsy, boy) = base(Wo), base(Ho)
-    (ax, bx), (ay, by) = unnorm(W), unnorm(H)
-    return bsx, box, bsy, boy, ax, bx, ay, by
+    return bsx, box, bsy, boy
 
 
 def _is_channels_last(x):
@@ -95,6 +90,12 @@ def in_layout_of(out, x):
     if _is_channels_last(x):
         return out.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
     return out.contiguous()
+
+
+def _true_fma(device):
+    """Whether ``tl.fma`` rounds once where the kernels run: compiled code, yes; Triton's interpreter
+    computes ``a * b + c`` in two roundings (the kernels then use float64 instead)."""
+    return device.type != "cpu"
 
 
 def _extent(t):
@@ -311,7 +312,7 @@ def sample_forward(form, x, prm, aux, K, Ho, Wo, D, mode, padding_mode, align_co
     p = plan(x, Ho, Wo)
     R = prm.shape[1] if prm.dim() == 2 else 0
     consts = dict(FORM=FORM_CODES[form], MODE=MODE_CODES[mode], PAD=PADDING_CODES[padding_mode],
-                  ALIGN=bool(align_corners), INT64=_int64(x, out, aux if form == "grid" else None),
+                  ALIGN=bool(align_corners), FMA=_true_fma(x.device), INT64=_int64(x, out, aux if form == "grid" else None),
                   BLOCK_C=p.block_c)
     key = (form, mode, padding_mode, C, H, W, Ho, Wo, K, x.dtype, p.block_c, x.stride(1) == 1)
     for nb in _batches(N):
@@ -387,6 +388,10 @@ def sample_backward(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_
     NK, P = N * K, Ho * Wo
     dev = x.device
     _check_k(K)
+    if NK * C * P == 0:  # an empty output: every gradient is zero (or empty), and no kernel runs
+        return (torch.zeros_like(x) if need_x else None,
+                torch.zeros((NK, R), dtype=torch.float32, device=dev) if need_param else None,
+                torch.zeros((NK, P, 2), dtype=torch.float32, device=dev) if need_gg else None)
     bilinear = mode == "bilinear"
     deterministic = torch.are_deterministic_algorithms_enabled()
     p = plan(x, Ho, Wo, backward=True)
@@ -411,7 +416,7 @@ def sample_backward(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_
     bp = p.block_p
     if NK * P > 0 and (atomics or need_param or need_gg):
         consts = dict(FORM=FORM_CODES[form], MODE=MODE_CODES[mode], PAD=PADDING_CODES[padding_mode],
-                      ALIGN=bool(align_corners), NEED_X=atomics, NEED_G=want_g, NEED_PARAM=part is not None,
+                      ALIGN=bool(align_corners), FMA=_true_fma(x.device), NEED_X=atomics, NEED_G=want_g, NEED_PARAM=part is not None,
                       WRITE_GG=need_gg, INT64=_int64(x, grad_out, grad_x, aux if form == "grid" else None,
                                                       extra=NK * max(2 * P, NPROG * R)),
                       BLOCK_C=p.block_c)
@@ -458,7 +463,7 @@ def _grad_input_deterministic(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode
     goff = _empty((N, K * P), itype, x.device)
     p = plan(x, Ho, Wo)
     consts = dict(FORM=FORM_CODES[form], MODE=MODE_CODES[mode], PAD=PADDING_CODES[padding_mode],
-                  ALIGN=bool(align_corners), INT64=int64, LOG2_NC=log2_nc, LOG2_TW=p.log2_tw, LOG2_CT=p.log2_ct,
+                  ALIGN=bool(align_corners), FMA=_true_fma(x.device), INT64=int64, LOG2_NC=log2_nc, LOG2_TW=p.log2_tw, LOG2_CT=p.log2_ct,
                   BLOCK_P=p.block_p)
     for nb in _batches(N):
         auxb = aux[nb] if form == "grid" else aux

@@ -158,8 +158,8 @@ def sample_fwd_kernel(
     s_an, s_ak, s_ah, s_aw, s_ac,
     C, H, W, K, Ho, Wo, D, R,
     bsx, box, bsy, boy,  # base grid x_j = bsx * j + box, y_i = bsy * i + boy
-    ax, bx, ay, by,      # unnormalise: i_x = ax * g_x + bx, i_y = ay * g_y + by
     FORM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr,
+    FMA: tl.constexpr,      # a correctly rounded multiply-add is available (compiled; see common.source_index)
     INT64: tl.constexpr,    # some offset may pass 2^31: 64-bit index arithmetic
     EVEN_C: tl.constexpr,   # C % BLOCK_C == 0: no channel mask
     LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr,  # tile width 2**LOG2_TW; column tiles numbered to 2**LOG2_CT
@@ -173,8 +173,8 @@ def sample_fwd_kernel(
     nk = n * K + k
     gx, gy, x, y, w = _form_coords(FORM, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, i, j, mask_p,
                                    Wo, P, D, s_ah, s_aw, s_ac, bsx, box, bsy, boy)
-    ix, _ = source_index(gx, ax, bx, W, PAD, ALIGN)
-    iy, _ = source_index(gy, ay, by, H, PAD, ALIGN)
+    ix, _ = source_index(gx, W, PAD, ALIGN, FMA)
+    iy, _ = source_index(gy, H, PAD, ALIGN, FMA)
 
     p_xn = p_x + n * s_xn
     p_on = p_out + n * s_on + k * s_ok
@@ -220,8 +220,8 @@ def sample_bwd_kernel(
     C, H, W, K, Ho, Wo, D, R,
     NPROG,  # programs with pixels per (n, k): the partials' row length
     NCT,    # column tiles
-    bsx, box, bsy, boy, ax, bx, ay, by,
-    FORM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr,
+    bsx, box, bsy, boy,
+    FORM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr,
     NEED_X: tl.constexpr, NEED_G: tl.constexpr, NEED_PARAM: tl.constexpr, WRITE_GG: tl.constexpr,
     INT64: tl.constexpr, EVEN_C: tl.constexpr, LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -259,8 +259,8 @@ def sample_bwd_kernel(
         mask_p = (i < Ho) & (j < Wo)
         gx, gy, x, y, w = _form_coords(FORM, p_prm_nk, p_aux, p_aux_nk, i, j, mask_p,
                                        Wo, P, D, s_ah, s_aw, s_ac, bsx, box, bsy, boy)
-        ix, dix = source_index(gx, ax, bx, W, PAD, ALIGN)
-        iy, diy = source_index(gy, ay, by, H, PAD, ALIGN)
+        ix, dix = source_index(gx, W, PAD, ALIGN, FMA)
+        iy, diy = source_index(gy, H, PAD, ALIGN, FMA)
         o_go = (i * s_gh + j * s_gw)[:, None]  # [BP, 1]
         m_go = mask_p[:, None]
         if MODE == 0:
@@ -335,8 +335,9 @@ def corner_index_kernel(
     s_gk, s_gh, s_gw,  # strides of dL/dV [N, K, C, Ho, Wo] (k, row, column)
     s_an, s_ak, s_ah, s_aw, s_ac,
     H, W, K, Ho, Wo, D, R,
-    bsx, box, bsy, boy, ax, bx, ay, by,
-    FORM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr,
+    bsx, box, bsy, boy,
+    FORM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr,
+    INT64: tl.constexpr,
     LOG2_NC: tl.constexpr,  # contributions per pixel: 4 (bilinear) = 1 << 2, or 1 (nearest)
     LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -347,8 +348,8 @@ def corner_index_kernel(
     nk = n * K + k
     gx, gy, x, y, w = _form_coords(FORM, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, i, j, mask_p,
                                    Wo, P, D, s_ah, s_aw, s_ac, bsx, box, bsy, boy)
-    ix, _ = source_index(gx, ax, bx, W, PAD, ALIGN)
-    iy, _ = source_index(gy, ay, by, H, PAD, ALIGN)
+    ix, _ = source_index(gx, W, PAD, ALIGN, FMA)
+    iy, _ = source_index(gy, H, PAD, ALIGN, FMA)
     none = H * W
     o_pix = n * K * P + k * P + i * Wo + j  # [BP] this pixel's entry in p_goff
     o_e = o_pix << LOG2_NC  # entry of corner 0

@@ -109,7 +109,8 @@ def test_parallel_transforms_equal_separate_calls(request, device):
 
 
 def test_identity_reproduces_input(device):
+    """Up to float32 rounding of the source index, which PyTorch's grid_sample shares (a few 1e-6)."""
     x = torch.randn(2, 3, 9, 11, device=device)
     for ac in (False, True):
         eye = torch.eye(2, 3, device=device).expand(2, 2, 3)
-        torch.testing.assert_close(st.affine_sample(x, eye, align_corners=ac), x, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(st.affine_sample(x, eye, align_corners=ac), x, rtol=1e-5, atol=1e-5)

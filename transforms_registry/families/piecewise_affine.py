@@ -42,5 +42,5 @@ class PiecewiseAffine(ControlMeshFamily):
 
     def kernel_form(self, theta, size, align_corners=False):
         self.check_theta(theta)
-        m = theta.reshape(theta.shape[0], -1, 2).transpose(1, 2)  # (N, 2, V)
+        m = theta.reshape(theta.shape[0], self.num_params // 2, 2).transpose(1, 2)  # (N, 2, V)
         return KernelForm("basis", m, self.cached_basis(size, align_corners, theta.dtype, theta.device))

@@ -66,6 +66,6 @@ class ThinPlateSpline(ControlMeshFamily):
             basis = self.basis
         else:
             basis = self.cached_basis(size, align_corners, theta.dtype, theta.device)
-        src = theta.reshape(theta.shape[0], -1, 2)  # (N, K, 2)
+        src = theta.reshape(theta.shape[0], self.num_params // 2, 2)  # (N, K, 2)
         m = torch.einsum("ak,nkc->nca", self.cached_cast("solve", self.solve64, theta.dtype, theta.device), src)  # (N, 2, K+3)
         return KernelForm("basis", m, basis)
