@@ -263,7 +263,9 @@ def test_kernel_path_inside_a_timm_model():
     finally:
         del os.environ["STN_TRITON_FORCE_REFERENCE"]
     assert crops.shape == (2, 2, 3, 24, 24)
-    torch.testing.assert_close(crops, want, rtol=1e-5, atol=1e-5)
+    # float32 both ways; the kernels' source index rounds as PyTorch's CUDA kernel, the reference's as
+    # its CPU kernel: a few 1e-6 apart where a sample falls between pixels
+    torch.testing.assert_close(crops, want, rtol=2e-5, atol=2e-5)
 
 
 def test_st_multi(reference):
