@@ -101,7 +101,7 @@ def test_forward_features_maps_and_head_give_the_same_logits(reference):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         logits = model(x)
-        feats, theta = model.forward_features(x, return_theta=True)
+        feats, theta = model.forward_features_and_theta(x)
         torch.testing.assert_close(theta, model.localize(x))
         parts = model.crops(x, theta)
         torch.testing.assert_close(feats, torch.cat([b.forward_features(parts[:, k])
