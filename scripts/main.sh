@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's first command: the paper's distorted-digits experiment (defaults: RTS, CNN vs
+# The README's first command: the paper's distorted-digits experiment (defaults: R and RTS, CNN vs
 # ST-CNN with an affine transformer, three seeds, scikit-learn's bundled digits, CPU, ~3 minutes).
 # Any option of `stn-digits --help` can be appended, e.g. ./scripts/main.sh --distortions R RTS P E.
 source "$(dirname "$0")/env.sh"

@@ -52,8 +52,23 @@ def _timm(scope):
     assert torch.isfinite(scope["logits"]).all()
 
 
-CHECKS = {"The functions": _functions, "Transformation families": _families,
+def _saved_digits_model(tmp_path):
+    """What ``./scripts/main.sh --save-models`` writes (an untrained model of the same build)."""
+    from stn_triton.integrations.digits.models import _materialise, build, save_model
+
+    model = _materialise(build("ST-CNN-aff", 28, 28), 28)
+    save_model(tmp_path / "runs/digits/models/R-ST-CNN-aff-seed0.pt", model, "ST-CNN-aff", 28, 28, distortion="R",
+               seed=0, error=2.9)
+
+
+def _reuse(scope):
+    assert scope["upright"].shape == (8, 1, 28, 28) and scope["logits"].shape == (8, 10)
+    assert scope["model"].checkpoint_info["distortion"] == "R"
+
+
+CHECKS = {"Reuse what was learnt": _reuse, "The functions": _functions, "Transformation families": _families,
           "Write your own transform": _own_transform, "timm: the CUB-200-2011 part-attention model": _timm}
+SETUP = {"Reuse what was learnt": _saved_digits_model}
 
 
 def test_every_python_block_is_checked():
@@ -70,6 +85,8 @@ def test_python_block_runs_as_printed(heading, code, monkeypatch, tmp_path):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # blocks register families: undo after
     monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
     registry._REGISTRY.pop("similarity", None)  # the test environment's plugin publishes the README's name
+    if heading in SETUP:
+        SETUP[heading](tmp_path)
     scope = {}
     torch.manual_seed(0)
     exec(compile(code, f"README.md ({heading})", "exec"), scope)

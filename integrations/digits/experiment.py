@@ -1,14 +1,26 @@
 """The distorted-digits experiment (the paper's Table 1, in miniature): train each model on each
-distortion for each seed, report percent test error, and draw what the transformers do.
+distortion for each seed, report percent test error, measure what the transformers learnt, and
+draw it.
 
-Training distortions are drawn afresh every epoch; test distortions are fixed by the seed. Every
-model of one (distortion, seed) sees exactly the same images in the same order.
+Training distortions are drawn afresh every epoch (their options may follow a per-epoch schedule,
+:meth:`Config.train_options`); validation and test distortions are fixed by the seed. Every model
+of one (distortion, seed) sees exactly the same images in the same order. A validation split
+(``val_fraction`` of the training set, the same for every seed) is held out for whatever is chosen
+during training (``keep="best"``: the epoch whose weights are tested); the test set gives only the
+final numbers.
+
+What the transformers learnt is measured, not only drawn: on R and RTS, :func:`rotation_report`
+compares the rotation each affine transformer undoes with the rotation the distortion applied.
 """
 
+import copy
+import importlib.metadata
 import json
 import math
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,28 +33,47 @@ from tqdm.auto import tqdm
 import stn_triton as st
 
 from . import data as D
-from .distortions import DISTORTIONS, distort
-from .models import MODELS, build, count_parameters
+from .distortions import DISTORTIONS, FULL_ANGLE, distort, object_scale_for
+from .models import MODELS, base_model, build, count_parameters, save_model
+
+OPTIMIZERS = ("adam", "sgd")
+DEFAULT_LR = {"adam": 2e-3, "sgd": 1e-2}
+SGD_MOMENTUM = 0.9
+SGD_STEPS = (1 / 3, 2 / 3)  # SGD's rate is divided by 10 after these fractions of the epochs
+ROTATING = ("R", "RTS")  # the distortions whose rotation is measured
+OBJECT_PERCENTILE = 99.0
 
 
 @dataclass
 class Config:
-    distortions: tuple = ("RTS",)
+    distortions: tuple = ("R", "RTS")
     models: tuple = ("CNN", "ST-CNN-aff")
     seeds: tuple = (0, 1, 2)
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 32
-    lr: float = 2e-3
-    localization_lr_scale: float = 0.1
-    st_size: int = 28  # what the transformers sample to (the classifiers' input size)
+    optimizer: str = "adam"  # "adam" (one-cycle schedule) or "sgd" (momentum, step decay: the paper's)
+    lr: float = None  # None: DEFAULT_LR[optimizer]
+    localization_lr_scale: float = 1.0
+    # R and RTS: the training images' largest rotation grows linearly from 1/curriculum of the full
+    # angle in the first epoch to the full angle in epoch `curriculum` (1-based), then stays; 0: none.
+    # The same images for every model; validation and test always use the full angle.
+    curriculum: int = 15
+    st_size: int = 28  # what the first stages produce (the classifiers' input size)
     data: str = "digits"  # "digits" (scikit-learn's) or a folder of MNIST-format IDX files
     train_limit: int = None
     test_limit: int = None
+    val_fraction: float = 0.1  # held out of the training set
+    keep: str = "last"  # which epoch's weights are tested: "last", or "best" on the validation split
+    object_scale: float = None  # None: measured from the training images (see data.object_radius)
     device: str = "cpu"
     out: str = "runs/digits"
     figure_count: int = 12
-    progress: bool = True
+    progress: bool = True  # progress bars, on a terminal only
+    save_models: bool = False  # every trained model under <out>/models/
     distortion_options: dict = field(default_factory=dict)  # {"RTS": {"max_angle": 30}, ...}
+    # per-epoch schedule of training-distortion options, e.g. {"R": {"max_angle": [[0, 20], [10, 90]]}}:
+    # [epoch, value] knots, linear in between, the last value after the last knot (see train_options)
+    distortion_schedule: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.distortions, self.models, self.seeds = tuple(self.distortions), tuple(self.models), tuple(self.seeds)
@@ -57,14 +88,76 @@ class Config:
         for name in ("epochs", "batch_size", "st_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
         if not (self.lr > 0 and self.localization_lr_scale > 0):
             raise ValueError(f"lr and localization_lr_scale: expected positive numbers, got {self.lr}, "
                              f"{self.localization_lr_scale}")
+        if not isinstance(self.curriculum, int) or self.curriculum < 0:
+            raise ValueError(f"curriculum: expected a number of epochs >= 0, got {self.curriculum!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction: expected a number in [0, 1), got {self.val_fraction!r}")
+        if self.keep not in ("last", "best"):
+            raise ValueError(f"keep: expected 'last' or 'best', got {self.keep!r}")
+        if self.keep == "best" and self.val_fraction == 0:
+            raise ValueError("keep='best' chooses on the validation split: give val_fraction > 0")
+        if self.object_scale is not None and not 0 < self.object_scale <= 1:
+            raise ValueError(f"object_scale: expected a number in (0, 1], got {self.object_scale!r}")
+        for d, options in self.distortion_schedule.items():
+            for name, knots in options.items():
+                epochs = [k[0] for k in knots] if all(len(k) == 2 for k in knots) else None
+                if not knots or epochs is None or epochs != sorted(set(epochs)):
+                    raise ValueError(f"distortion_schedule[{d!r}][{name!r}]: expected [[epoch, value], ...] with "
+                                     f"increasing epochs, got {knots!r}")
+
+    def options(self, distortion):
+        """The options of ``distortion`` for validation and test (and training without a schedule)."""
+        return dict(self.distortion_options.get(distortion, {}))
+
+    def train_options(self, distortion, epoch):
+        """The options of ``distortion`` for training epoch ``epoch`` (0-based): :meth:`options`, with
+        every option in ``distortion_schedule[distortion]`` set to its value at that epoch (the hook for
+        a curriculum; override it for schedules that knots cannot say). Without a schedule for it, R's
+        and RTS's ``max_angle`` follows ``curriculum``."""
+        opts = self.options(distortion)
+        scheduled = self.distortion_schedule.get(distortion, {})
+        if self.curriculum and distortion in ROTATING and "max_angle" not in scheduled:
+            full = opts.get("max_angle", FULL_ANGLE[distortion])
+            opts["max_angle"] = full * min(1.0, (epoch + 1) / self.curriculum)
+        for name, knots in self.distortion_schedule.get(distortion, {}).items():
+            opts[name] = _interpolate(knots, epoch)
+        return opts
+
+
+def _interpolate(knots, epoch):
+    (e0, v0) = knots[0]
+    if epoch <= e0:
+        return v0
+    for (e1, v1) in knots[1:]:
+        if epoch <= e1:
+            return v0 + (v1 - v0) * (epoch - e0) / (e1 - e0)
+        e0, v0 = e1, v1
+    return v0
 
 
 def load_data(cfg):
-    digits = D.load_sklearn_digits() if cfg.data == "digits" else D.load_idx_dir(cfg.data)
-    return digits.limit(cfg.train_limit, cfg.test_limit)
+    """The data of ``cfg`` (limits applied while reading), the validation split held out, and the
+    object scale (measured unless ``cfg.object_scale`` is set); returns (digits, objects), objects
+    saying what was measured and used."""
+    if cfg.data == "digits":
+        digits = D.load_sklearn_digits(train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+    else:
+        digits = D.load_idx_dir(cfg.data, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+    radius = D.object_radius(digits.train_x, percentile=OBJECT_PERCENTILE)
+    scale = object_scale_for(radius) if cfg.object_scale is None else float(cfg.object_scale)
+    objects = {"radius_px": round(radius, 2), "percentile": OBJECT_PERCENTILE, "keep_radius_px": D.FRAME / 2,
+               "object_scale": round(scale, 4), "measured": cfg.object_scale is None}
+    digits.object_scale = scale
+    if cfg.val_fraction > 0:
+        digits = digits.hold_out(cfg.val_fraction)
+    return digits, objects
 
 
 def _seed(*parts):
@@ -79,10 +172,25 @@ def _gen(*parts):
     return torch.Generator().manual_seed(_seed(*parts))
 
 
-def _optimizer(model, cfg):
+def distorted_test_set(distortion, digits, seed, cfg):
+    """The test images of (``distortion``, ``seed``) and the parameters drawn for them (e.g.
+    ``angle``, the rotation applied to each, in radians): the same for every model."""
+    return distort(distortion, digits.test_x, _gen("test", distortion, seed), return_params=True,
+                   object_scale=digits.object_scale, **cfg.options(distortion))
+
+
+def _optimizer(model, cfg, steps_per_epoch):
+    """(optimizer, scheduler, whether the scheduler steps every batch (else every epoch))."""
     groups = model.parameter_groups(cfg.lr, cfg.localization_lr_scale) if hasattr(model, "parameter_groups") \
         else [{"params": list(model.parameters()), "lr": cfg.lr}]
-    return torch.optim.Adam(groups, lr=cfg.lr)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=SGD_MOMENTUM)
+        milestones = sorted({max(1, round(f * cfg.epochs)) for f in SGD_STEPS})
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1), False
+    opt = torch.optim.Adam(groups, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                total_steps=cfg.epochs * steps_per_epoch, pct_start=0.15)
+    return opt, sched, True
 
 
 @torch.no_grad()
@@ -94,24 +202,139 @@ def evaluate(model, x, y, batch_size=512):
     return 100.0 * wrong / max(len(y), 1)
 
 
+# --- what the transformers learnt -----------------------------------------------------------------
+
+def rotation_angle(a):
+    """The rotation (radians, (N,)) in 2 x 2 matrices ``a`` (N, 2, 2): the polar decomposition's
+    rotation R = U Vh (from the SVD; with a reflection, the nearest proper rotation), then
+    atan2(R[1, 0], R[0, 0])."""
+    u, _, vh = torch.linalg.svd(a.double())
+    d = torch.sign(torch.linalg.det(u @ vh))
+    u = torch.cat([u[:, :, :1], u[:, :, 1:] * d[:, None, None]], 2)
+    r = u @ vh
+    return torch.atan2(r[:, 1, 0], r[:, 0, 0])
+
+
+def affine_theta(model, x, batch_size=512):
+    """The affine parameters (N, 2, 3) that ``model.transformer`` predicts for images ``x``:
+    output -> input coordinates, normalised."""
+    tr = model.transformer
+    if tr.family.name != "affine":
+        raise ValueError(f"rotation_report: needs an affine transformer, got family {tr.family.name!r}")
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        theta = torch.cat([tr.head(tr.localization(x[i:i + batch_size]).flatten(1))
+                           for i in range(0, x.shape[0], batch_size)])
+    model.train(was)
+    return theta.double().view(-1, 2, 3).cpu()
+
+
+def rotation_report(model, x, applied_angles_rad, per_sample=False, bin_deg=15.0):
+    """How much of the rotation applied to images ``x`` the affine transformer of ``model`` undoes.
+
+    ``applied_angles_rad`` (N,): the rotation each image's digit was given (as ``distort(...,
+    return_params=True)`` reports it: the canvas -> digit map is ``rot_inv = [[c, s], [-s, c]]``).
+    With the transformer's theta = [A | b] (output -> input coordinates), the map from its output to
+    the digit's frame is ``rot_inv @ A`` (up to scale and shift), whose rotation is the residual left
+    in the output: 0 when it undoes the rotation, the applied angle when it does nothing.
+
+    Returns (degrees): ``slope`` and ``intercept_deg`` of the least-squares line of the rotation A
+    undoes (its polar rotation) against the applied one (1 and 0: undone; 0: ignored; None when
+    every applied angle is the same), ``median_residual_deg`` (median |residual|),
+    ``median_residual_nothing_deg`` (median |applied|: the residual of doing nothing),
+    ``scale_mean`` and ``singular_values_mean`` (A's singular values: below 1 zooms in),
+    ``translation_mean`` (b) and ``translation_norm_mean`` (|b|), ``n``, ``by_angle`` (per
+    ``bin_deg``-wide bin of |applied angle|: its range, count and median |residual|: where along the
+    range the rotation is undone); with ``per_sample``, also the lists ``predicted_deg`` and
+    ``residual_deg``."""
+    applied = torch.as_tensor(applied_angles_rad, dtype=torch.float64).cpu().flatten()
+    theta = affine_theta(model, x)
+    if theta.shape[0] != applied.shape[0]:
+        raise ValueError(f"rotation_report: {theta.shape[0]} images but {applied.shape[0]} angles")
+    a, b = theta[:, :, :2], theta[:, :, 2]
+    c, s = torch.cos(applied), torch.sin(applied)
+    rot_inv = torch.stack([c, s, -s, c], 1).view(-1, 2, 2)
+    predicted = torch.rad2deg(rotation_angle(a))
+    residual = torch.rad2deg(rotation_angle(rot_inv @ a))
+    applied_deg = torch.rad2deg(applied)
+    dx = applied_deg - applied_deg.mean()
+    var = float((dx * dx).sum())
+    slope = float((dx * (predicted - predicted.mean())).sum()) / var if var > 1e-12 else None
+    sv = torch.linalg.svdvals(a)
+    report = {
+        "slope": slope,
+        "intercept_deg": float(predicted.mean() - slope * applied_deg.mean()) if slope is not None else None,
+        "median_residual_deg": _median(residual.abs()),
+        "median_residual_nothing_deg": _median(applied_deg.abs()),
+        "scale_mean": float(sv.mean()),
+        "singular_values_mean": [float(v) for v in sv.mean(0)],
+        "translation_mean": [float(v) for v in b.mean(0)],
+        "translation_norm_mean": float(b.norm(dim=1).mean()),
+        "n": int(theta.shape[0]),
+        "by_angle": _by_angle(applied_deg.abs(), residual.abs(), bin_deg),
+    }
+    if per_sample:
+        report["predicted_deg"], report["residual_deg"] = predicted.tolist(), residual.tolist()
+    return report
+
+
+def _median(values):
+    """The median (the mean of the two middle values for an even count, unlike ``torch.median``)."""
+    return float(torch.quantile(values.double(), 0.5))
+
+
+def _by_angle(applied, residual, width):
+    bins = []
+    top = float(applied.max()) if applied.numel() else 0.0
+    for i in range(max(1, math.ceil(top / width))):
+        lo, hi = i * width, (i + 1) * width
+        pick = (applied >= lo) & ((applied < hi) if hi < top else (applied <= hi))
+        if pick.any():
+            bins.append({"from_deg": lo, "to_deg": hi, "n": int(pick.sum()),
+                         "median_residual_deg": round(_median(residual[pick]), 2)})
+    return bins
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+@dataclass
+class Trained:
+    """One finished run: the model (the weights that were tested), its numbers and the test set."""
+
+    model: torch.nn.Module
+    error: float  # percent, on the test set
+    val_error: float  # percent, on the validation split, of the weights kept (None without one)
+    val_errors: list  # per epoch
+    train_loss: list  # per epoch, mean over the epoch's batches
+    kept_epoch: int  # 0-based
+    seconds: float
+    test_x: torch.Tensor
+    test_params: dict
+
+
 def train_one(model_name, distortion, seed, digits, cfg, bar=None):
-    """Train one model; returns (model, test error %, seconds)."""
+    """Train one model of ``cfg`` on (``distortion``, ``seed``); returns a :class:`Trained`."""
     dev = torch.device(cfg.device)
-    opts = cfg.distortion_options.get(distortion, {})
-    test_x = distort(distortion, digits.test_x, _gen("test", distortion, seed), **opts).to(dev)
-    test_y = digits.test_y.to(dev)
+    test_x, test_params = distorted_test_set(distortion, digits, seed, cfg)
+    test_x, test_y = test_x.to(dev), digits.test_y.to(dev)
+    val_x = None
+    if digits.val_x is not None and len(digits.val_y):
+        val_x = distort(distortion, digits.val_x, _gen("val", distortion, seed), object_scale=digits.object_scale,
+                        **cfg.options(distortion)).to(dev)
+        val_y = digits.val_y.to(dev)
     torch.manual_seed(_seed("init", model_name, seed))
     model = build(model_name, test_x.shape[-1], cfg.st_size, classes=digits.num_classes).to(dev)
     with torch.no_grad():
         model(test_x[:2])  # materialise lazy layers before the optimizer sees them
-    opt = _optimizer(model, cfg)
-    steps = cfg.epochs * math.ceil(len(digits.train_y) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps,
-                                                pct_start=0.15)
+    steps = math.ceil(len(digits.train_y) / cfg.batch_size)
+    opt, sched, per_batch = _optimizer(model, cfg, steps)
+    losses, val_errors, best = [], [], None
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         model.train()
-        x = distort(distortion, digits.train_x, _gen("train", distortion, seed, epoch), **opts).to(dev)
+        x = distort(distortion, digits.train_x, _gen("train", distortion, seed, epoch),
+                    object_scale=digits.object_scale, **cfg.train_options(distortion, epoch)).to(dev)
         y = digits.train_y.to(dev)
         order = torch.randperm(len(y), generator=_gen("order", seed, epoch)).to(dev)
         total = 0.0
@@ -121,14 +344,148 @@ def train_one(model_name, distortion, seed, digits, cfg, bar=None):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if per_batch:
+                sched.step()
             total += loss.item() * len(idx)
+        if not per_batch:
+            sched.step()
+        losses.append(total / max(len(y), 1))
+        if val_x is not None:
+            val_errors.append(evaluate(model, val_x, val_y))
+            if cfg.keep == "best" and (best is None or val_errors[-1] < val_errors[best[0]]):
+                best = (epoch, copy.deepcopy(model.state_dict()))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{total / len(y):.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"val": f"{val_errors[-1]:.1f}%"} if val_errors else {}))
     seconds = time.perf_counter() - start
-    return model, evaluate(model, test_x, test_y), seconds, test_x
+    kept = cfg.epochs - 1
+    if best is not None:
+        kept = best[0]
+        model.load_state_dict(best[1])
+    return Trained(model, evaluate(model, test_x, test_y), val_errors[kept] if val_errors else None, val_errors,
+                   losses, kept, seconds, test_x, test_params)
 
+
+def code_version():
+    """The code that ran: the package version and, in a git checkout, the commit (and whether the
+    working tree differed from it)."""
+    try:
+        version = importlib.metadata.version("stn-triton")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    here = Path(__file__).resolve().parent
+    git = {"commit": None, "dirty": None}
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            git["commit"] = head.stdout.strip()
+            status = subprocess.run(["git", "--no-optional-locks", "-C", str(here), "status", "--porcelain",
+                                     "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+            git["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"package": version, **git}
+
+
+# --- statistics and the table ----------------------------------------------------------------------
+
+_T975 = (12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+         2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+         2.0518, 2.0484, 2.0452, 2.0423)  # Student's t, 97.5th percentile, 1 to 30 degrees of freedom
+
+
+def t_quantile_975(df):
+    """Student's t 97.5th percentile for ``df`` degrees of freedom (a table to 30, then the
+    Cornish-Fisher expansion, good to 1e-4)."""
+    if df < 1:
+        raise ValueError(f"df: expected at least 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+def paired_difference(a, b):
+    """Mean of a - b over pairs, with its 95% interval (paired t): (mean, low, high); the interval is
+    None with fewer than two pairs."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = statistics.mean(d)
+    if len(d) < 2:
+        return mean, None, None
+    half = t_quantile_975(len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return mean, mean - half, mean + half
+
+
+def _mean_sd(values, digits=1):
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def format_table(results, cfg):
+    """The paper's layout: one row per model; per distortion a column of percent test error (mean ±
+    sd over seeds) with the model's parameter count; with three or more seeds, a column of the
+    paired difference to the model's baseline (CNN for ST-CNNs, FCN for ST-FCNs) with its 95%
+    interval; on R and RTS, a column of the median residual rotation (degrees, mean over seeds) and
+    the slope of undone against applied rotation, for affine ST models ("none": the rotation left
+    with no transformer, for the others)."""
+    paired = len(cfg.seeds) >= 3
+    head = ["model"]
+    for d in cfg.distortions:
+        head.append(f"{d} % error (params)")
+        if paired:
+            head.append(f"{d} vs baseline, paired diff [95% CI]")
+        if d in ROTATING:
+            head.append(f"{d} residual rotation (deg)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in cfg.models:
+        cells = [m]
+        for d in cfg.distortions:
+            runs = {r["seed"]: r for r in results if r["model"] == m and r["distortion"] == d}
+            errs = [runs[s]["error"] for s in cfg.seeds if s in runs]
+            counts = sorted({r["params"] for r in runs.values()})
+            params = "/".join(f"{c / 1000:.1f}k" for c in counts)
+            cells.append(f"{_mean_sd(errs)} ({params})" if errs else "")
+            if paired:
+                base = base_model(m)
+                base_runs = {r["seed"]: r for r in results if r["model"] == base and r["distortion"] == d}
+                seeds = [s for s in cfg.seeds if s in runs and s in base_runs]
+                if base == m:
+                    cells.append("(baseline)")
+                elif len(seeds) >= 3:
+                    mean, lo, hi = paired_difference([runs[s]["error"] for s in seeds],
+                                                     [base_runs[s]["error"] for s in seeds])
+                    cells.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] vs {base}")
+                else:
+                    cells.append("—")
+            if d in ROTATING:
+                rot = [runs[s].get("rotation") or {} for s in cfg.seeds if s in runs]
+                if rot and all("median_residual_deg" in r for r in rot):
+                    slopes = [r["slope"] for r in rot if r["slope"] is not None]
+                    slope = f", slope {statistics.mean(slopes):.2f}" if slopes else ""
+                    cells.append(f"{_mean_sd([r['median_residual_deg'] for r in rot])}{slope}")
+                elif rot and all("median_residual_nothing_deg" in r for r in rot) and not m.startswith("ST-"):
+                    cells.append(f"{statistics.mean(r['median_residual_nothing_deg'] for r in rot):.1f} (none)")
+                else:
+                    cells.append("—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _table_note(cfg, digits, epochs, seconds):
+    note = (f"Percent test error, mean ± standard deviation over seeds {list(cfg.seeds)}, with each model's "
+            f"parameter count; {digits.name}, {epochs} epochs ({cfg.optimizer}), {seconds:.0f} s on {cfg.device}.")
+    if len(cfg.seeds) >= 3:
+        note += (" Paired diff: the model's error minus its baseline's (CNN for ST-CNN, FCN for ST-FCN), seed by "
+                 "seed, mean and 95% interval (paired t).")
+    if any(d in ROTATING for d in cfg.distortions):
+        note += (" Residual rotation: the median over the test images of the rotation left in the affine "
+                 "transformer's output (degrees, mean ± sd over seeds) and the slope of the rotation it undoes "
+                 "against the one applied (1: all undone, 0: none); 'none': the rotation left with no transformer.")
+    return note
+
+
+# --- figures ------------------------------------------------------------------------------------------
 
 def _tile(images, side):
     """(n, 1, h, w) in [0, 1] -> one row image, each cell resized to side x side (nearest)."""
@@ -137,13 +494,18 @@ def _tile(images, side):
     return Image.fromarray((row.clamp(0, 1) * 255).byte().numpy(), mode="L")
 
 
-def draw_figure(path, distortion, inputs, outputs, side=84):
-    """Inputs on the first row, then each transformer's output on its own row, labelled."""
+CAPTION_LINE = 14
+
+
+def draw_figure(path, distortion, inputs, outputs, side=84, captions=()):
+    """Inputs on the first row, then each transformer's output on its own row, labelled; then the
+    ``captions`` (lines of text: what was measured), one per line."""
     rows = [("input", inputs)] + list(outputs.items())
     label_w = 110
     tiles = [(name, _tile(imgs, side)) for name, imgs in rows]
     width = label_w + max(t.width for _, t in tiles)
-    fig = Image.new("L", (width, 24 + sum(t.height for _, t in tiles)), 255)
+    body = 24 + sum(t.height for _, t in tiles)
+    fig = Image.new("L", (width, body + (CAPTION_LINE * len(captions) + 8 if captions else 0)), 255)
     draw = ImageDraw.Draw(fig)
     draw.text((4, 6), f"distortion {distortion}: inputs (top) and what each transformer made of them", fill=0)
     y = 24
@@ -151,63 +513,104 @@ def draw_figure(path, distortion, inputs, outputs, side=84):
         draw.text((4, y + tile.height // 2 - 6), name, fill=0)
         fig.paste(tile, (label_w, y))
         y += tile.height
+    for i, line in enumerate(captions):
+        draw.text((4, body + 4 + i * CAPTION_LINE), line, fill=0)
     fig.save(path)
 
 
-def format_table(results, cfg):
-    """The paper's layout: one row per model, one column per distortion, percent error (mean and
-    spread over seeds). Parameter counts depend on the canvas size, so the column gives their range."""
-    head = "| model | params | " + " | ".join(cfg.distortions) + " |"
-    lines = [head, "|" + "---|" * (2 + len(cfg.distortions))]
-    for m in cfg.models:
-        cells = []
-        for d in cfg.distortions:
-            errs = [r["error"] for r in results if r["model"] == m and r["distortion"] == d]
-            spread = f" ± {statistics.stdev(errs):.1f}" if len(errs) > 1 else ""
-            cells.append(f"{statistics.mean(errs):.1f}{spread}" if errs else "")
-        counts = sorted({r["params"] for r in results if r["model"] == m})
-        params = "-".join(f"{c / 1000:.0f}k" for c in (counts[0], counts[-1]) if counts)
-        params = params.split("-")[0] if len(set(params.split("-"))) == 1 else params
-        lines.append(f"| {m} | {params} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def _caption(model_name, seed, r):
+    text = f"{model_name} (seed {seed}): {r['error']:.1f}% test error"
+    rot = r.get("rotation") or {}
+    if "median_residual_deg" in rot:
+        slope = "n/a" if rot["slope"] is None else f"{rot['slope']:.2f}"
+        text += (f"; rotation left {rot['median_residual_deg']:.1f} deg median (without it "
+                 f"{rot['median_residual_nothing_deg']:.1f}), slope {slope}, scale {rot['scale_mean']:.2f}")
+    return text
+
+
+# --- the experiment -------------------------------------------------------------------------------------
+
+def _interactive():
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _run_line(r):
+    line = (f"{r['distortion']:>4} {r['model']:<12} seed {r['seed']}: {r['error']:5.1f}% test error"
+            + (f", {r['val_error']:.1f}% val" if r["val_error"] is not None else "")
+            + f", {r['params']:,} params ({r['train_seconds']:.0f} s)")
+    rot = r.get("rotation") or {}
+    if "median_residual_deg" in rot:
+        slope = "n/a" if rot["slope"] is None else f"{rot['slope']:.2f}"
+        line += (f"; rotation left {rot['median_residual_deg']:.1f} deg (none: "
+                 f"{rot['median_residual_nothing_deg']:.1f}), slope {slope}, scale {rot['scale_mean']:.2f}")
+    return line
 
 
 def run(cfg, log=print):
-    """Run the experiment described by ``cfg``; write results.json, table.md and figures/*.png
-    under ``cfg.out``; return the results dict."""
+    """Run the experiment described by ``cfg``; write results.json, table.md, figures/*.png (and with
+    ``cfg.save_models`` models/*.pt) under ``cfg.out``; return the results dict. ``log`` gets one line
+    per finished run; progress bars appear only when ``cfg.progress`` and stdout and stderr are a
+    terminal."""
     out = Path(cfg.out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    digits = load_data(cfg)
-    log(f"data: {digits.name}, {len(digits.train_y)} train / {len(digits.test_y)} test images; "
-        f"device {cfg.device}, {torch.get_num_threads()} threads, backend {st.backend(torch.empty(0, device=cfg.device))}")
+    code = code_version()
+    digits, objects = load_data(cfg)
+    n_val = 0 if digits.val_y is None else len(digits.val_y)
+    log(f"data: {digits.name}, {len(digits.train_y)} train / {n_val} validation / {len(digits.test_y)} test images; "
+        f"device {cfg.device}, {torch.get_num_threads()} threads, "
+        f"backend {st.backend(torch.empty(0, device=cfg.device))}")
+    how = (f"measured: {OBJECT_PERCENTILE:g}th percentile of the ink radius over the training images, "
+           f"{objects['radius_px']:.1f} px from the frame's centre" if objects["measured"] else "given")
+    kept = "within the circle of 14 px no distortion crops: used as they are" if objects["object_scale"] == 1 else \
+        f"shrunk by {objects['object_scale']:.3f} before each distortion, into the circle of 14 px none crops"
+    log(f"objects ({how}): {kept}")
     runs = [(d, m, s) for d in cfg.distortions for s in cfg.seeds for m in cfg.models]
     results = []
-    bar = tqdm(total=len(runs) * cfg.epochs, unit="epoch", disable=not cfg.progress, dynamic_ncols=True)
+    bars = cfg.progress and _interactive()
+    bar = tqdm(total=len(runs) * cfg.epochs, unit="epoch", dynamic_ncols=True) if bars else None
+    say = bar.write if bar is not None and log is print else log
     for d in cfg.distortions:
-        fig_outputs, fig_inputs = {}, None
+        fig_outputs, fig_inputs, captions = {}, None, []
         for s in cfg.seeds:
             for m in cfg.models:
-                bar.set_description(f"{d} {m} seed {s}")
-                model, err, secs, test_x = train_one(m, d, s, digits, cfg, bar)
-                results.append({"distortion": d, "model": m, "seed": s, "error": err,
-                                "params": count_parameters(model), "train_seconds": round(secs, 2)})
-                bar.write(f"{d:>4} {m:<12} seed {s}: {err:5.1f}% error ({secs:.0f} s)")
-                if s == cfg.seeds[0] and hasattr(model, "transformer"):
-                    fig_inputs = test_x[:cfg.figure_count].cpu()
+                if bar is not None:
+                    bar.set_description(f"{d} {m} seed {s}")
+                t = train_one(m, d, s, digits, cfg, bar)
+                r = {"distortion": d, "model": m, "seed": s, "error": t.error, "val_error": t.val_error,
+                     "params": count_parameters(t.model), "train_seconds": round(t.seconds, 2),
+                     "kept_epoch": t.kept_epoch, "train_loss": [round(v, 5) for v in t.train_loss],
+                     "val_errors": [round(v, 3) for v in t.val_errors], "code": code}
+                if d in ROTATING:
+                    if hasattr(t.model, "transformer") and t.model.transformer.family.name == "affine":
+                        r["rotation"] = rotation_report(t.model, t.test_x, t.test_params["angle"])
+                    else:
+                        nothing = _median(torch.rad2deg(t.test_params["angle"]).abs())
+                        r["rotation"] = {"median_residual_nothing_deg": float(nothing)}
+                if cfg.save_models:
+                    path = save_model(out / "models" / f"{d}-{m}-seed{s}.pt", t.model, m, t.test_x.shape[-1],
+                                      cfg.st_size, digits.num_classes, distortion=d, seed=s, error=t.error)
+                    r["model_file"] = str(path.relative_to(out))
+                results.append(r)
+                say(_run_line(r))
+                if s == cfg.seeds[0] and hasattr(t.model, "transformer"):
+                    fig_inputs = t.test_x[:cfg.figure_count].cpu()
                     with torch.no_grad():
-                        model.eval()
-                        fig_outputs[m] = model.transformer(test_x[:cfg.figure_count]).cpu()
+                        t.model.eval()
+                        fig_outputs[m] = t.model.transformer(t.test_x[:cfg.figure_count]).cpu()
+                    captions.append(_caption(m, s, r))
         if fig_inputs is None:  # no transformer among the models: still show the inputs
-            fig_inputs = distort(d, digits.test_x[:cfg.figure_count], _gen("test", d, cfg.seeds[0]),
-                                 **cfg.distortion_options.get(d, {}))
-        draw_figure(out / "figures" / f"{d}.png", d, fig_inputs, fig_outputs)
-    bar.close()
+            fig_inputs = distorted_test_set(d, digits.limit(test=cfg.figure_count), cfg.seeds[0], cfg)[0]
+        draw_figure(out / "figures" / f"{d}.png", d, fig_inputs, fig_outputs, captions=captions)
+    if bar is not None:
+        bar.close()
     table = format_table(results, cfg)
     total = time.perf_counter() - started
     summary = {
         "config": asdict(cfg),
-        "data": {"name": digits.name, "train": len(digits.train_y), "test": len(digits.test_y)},
+        "data": {"name": digits.name, "train": len(digits.train_y), "validation": n_val, "test": len(digits.test_y)},
+        "objects": objects,
+        "code": code,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(), "device": cfg.device,
                     "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None,
@@ -217,9 +620,9 @@ def run(cfg, log=print):
         "table": table,
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "table.md").write_text(
-        f"Percent test error, mean ± standard deviation over seeds {list(cfg.seeds)}; {digits.name}, "
-        f"{cfg.epochs} epochs, {total:.0f} s on {cfg.device}.\n\n{table}\n")
+    note = _table_note(cfg, digits, cfg.epochs, total)
+    (out / "table.md").write_text(f"{note}\n\n{table}\n")
     log("\n" + table)
-    log(f"\nwrote {out / 'table.md'}, {out / 'results.json'} and {out / 'figures'}/ in {total:.0f} s")
+    log(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {out / 'figures'}/"
+        + (f" and {out / 'models'}/" if cfg.save_models else "") + f" in {total:.0f} s")
     return summary

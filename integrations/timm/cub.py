@@ -14,7 +14,6 @@ image path leading outside ``root/images`` is an error naming the file and the l
 import math
 from pathlib import Path
 
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
 

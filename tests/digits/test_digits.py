@@ -183,8 +183,10 @@ def test_models_forward_backward(reference, name):
     if name.startswith("ST"):
         torch.testing.assert_close(model.transformer.head.bias.detach(),
                                    model.transformer.family.identity())  # starts at the identity
-        groups = model.parameter_groups(1.0)
-        assert groups[0]["lr"] == pytest.approx(0.1) and groups[-1]["lr"] == 1.0
+        groups = model.parameter_groups(1.0, 0.5)
+        assert groups[0]["lr"] == pytest.approx(0.5) and groups[-1]["lr"] == 1.0
+    else:  # the baselines' learnt stage starts as nothing: the classifier sees the resampled canvas
+        torch.testing.assert_close(model.front(x), st.affine_sample(x, torch.eye(2, 3).expand(3, 2, 3), (28, 28)))
 
 
 def test_bad_model_and_config():
@@ -208,10 +210,12 @@ def test_smoke_run_every_model(reference, tmp_path):
     table = (tmp_path / "run" / "table.md").read_text()
     for m in MODELS:
         assert f"| {m} |" in table
-    assert "| model | params | RTS | E |" in table
+    assert table.splitlines()[2].startswith("| model | RTS % error (params) | RTS residual rotation (deg) | "
+                                            "E % error (params) |")
     for d in ("RTS", "E"):
         img = Image.open(tmp_path / "run" / "figures" / f"{d}.png")
-        assert img.height == 24 + 7 * 88 and img.width == 110 + 5 * 88  # inputs + 6 transformers, 5 images
+        # inputs + 6 transformers, 5 images each, and a caption line per transformer (what was measured)
+        assert img.height == 24 + 7 * 88 + 6 * 14 + 8 and img.width == 110 + 5 * 88
     # the same seed gives the same result (distortions and initialisation are seeded)
     again = run(Config(**{**cfg.__dict__, "distortions": ("RTS",), "models": ("ST-CNN-aff",), "seeds": (1,),
                           "out": str(tmp_path / "again")}), log=lambda *a: None)
@@ -223,7 +227,7 @@ def test_format_table_mean_and_spread():
     cfg = Config(distortions=("R", "P"), models=("CNN",), seeds=(0, 1))
     res = [{"distortion": d, "model": "CNN", "seed": s, "error": e, "params": p}
            for d, s, e, p in [("R", 0, 1.0, 1000), ("R", 1, 3.0, 1000), ("P", 0, 2.0, 3000), ("P", 1, 2.0, 3000)]]
-    assert format_table(res, cfg).splitlines()[-1] == "| CNN | 1k-3k | 2.0 ± 1.4 | 2.0 ± 0.0 |"
+    assert format_table(res, cfg).splitlines()[-1] == "| CNN | 2.0 ± 1.4 (1.0k) | — | 2.0 ± 0.0 (3.0k) |"
 
 
 def test_cli(reference, tmp_path, capsys):
@@ -231,7 +235,7 @@ def test_cli(reference, tmp_path, capsys):
     assert main(["--data", str(folder), "--models", "CNN", "ST-FCN-tps", "--seeds", "3", "--epochs", "1",
                  "--batch-size", "8", "--distortions", "P", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "data: idx, 20 train / 8 test images" in printed and "| ST-FCN-tps |" in printed
+    assert "data: idx, 18 train / 2 validation / 8 test images" in printed and "| ST-FCN-tps |" in printed
     saved = json.loads((tmp_path / "o" / "results.json").read_text())
     assert saved["config"]["seeds"] == [3] and saved["config"]["distortions"] == ["P"]
     with pytest.raises(SystemExit):
