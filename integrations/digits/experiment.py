@@ -230,7 +230,7 @@ def affine_theta(model, x, batch_size=512):
     return theta.double().view(-1, 2, 3).cpu()
 
 
-def rotation_report(model, x, applied_angles_rad, per_sample=False, bin_deg=15.0):
+def rotation_report(model, x, applied_angles_rad, per_sample=False, bin_deg=15.0, applied_shift=None):
     """How much of the rotation applied to images ``x`` the affine transformer of ``model`` undoes.
 
     ``applied_angles_rad`` (N,): the rotation each image's digit was given (as ``distort(...,
@@ -247,7 +247,13 @@ def rotation_report(model, x, applied_angles_rad, per_sample=False, bin_deg=15.0
     ``translation_mean`` (b) and ``translation_norm_mean`` (|b|), ``n``, ``by_angle`` (per
     ``bin_deg``-wide bin of |applied angle|: its range, count and median |residual|: where along the
     range the rotation is undone); with ``per_sample``, also the lists ``predicted_deg`` and
-    ``residual_deg``."""
+    ``residual_deg``.
+
+    ``applied_shift`` (N, 2), optional: where each digit's centre was placed on the canvas
+    (normalised canvas coordinates, as RTS's ``shift``). The transformer's output centre samples the
+    canvas at b, so ``median_centre_offset`` = median |b - shift| is how far from the digit's centre
+    its output is centred (normalised canvas units), beside ``median_centre_offset_nothing`` =
+    median |shift| (an output centred on the canvas)."""
     applied = torch.as_tensor(applied_angles_rad, dtype=torch.float64).cpu().flatten()
     theta = affine_theta(model, x)
     if theta.shape[0] != applied.shape[0]:
@@ -274,6 +280,12 @@ def rotation_report(model, x, applied_angles_rad, per_sample=False, bin_deg=15.0
         "n": int(theta.shape[0]),
         "by_angle": _by_angle(applied_deg.abs(), residual.abs(), bin_deg),
     }
+    if applied_shift is not None:
+        shift = torch.as_tensor(applied_shift, dtype=torch.float64).cpu().reshape(-1, 2)
+        if shift.shape[0] != theta.shape[0]:
+            raise ValueError(f"rotation_report: {theta.shape[0]} images but {shift.shape[0]} shifts")
+        report["median_centre_offset"] = _median((b - shift).norm(dim=1))
+        report["median_centre_offset_nothing"] = _median(shift.norm(dim=1))
     if per_sample:
         report["predicted_deg"], report["residual_deg"] = predicted.tolist(), residual.tolist()
     return report
@@ -518,14 +530,22 @@ def draw_figure(path, distortion, inputs, outputs, side=84, captions=()):
     fig.save(path)
 
 
-def _caption(model_name, seed, r):
-    text = f"{model_name} (seed {seed}): {r['error']:.1f}% test error"
+def _measures(r):
+    """What the transformer was measured to do, as text ("" for none): for the log and the captions."""
     rot = r.get("rotation") or {}
-    if "median_residual_deg" in rot:
-        slope = "n/a" if rot["slope"] is None else f"{rot['slope']:.2f}"
-        text += (f"; rotation left {rot['median_residual_deg']:.1f} deg median (without it "
-                 f"{rot['median_residual_nothing_deg']:.1f}), slope {slope}, scale {rot['scale_mean']:.2f}")
+    if "median_residual_deg" not in rot:
+        return ""
+    slope = "n/a" if rot["slope"] is None else f"{rot['slope']:.2f}"
+    text = (f"; rotation left {rot['median_residual_deg']:.1f} deg median (none: "
+            f"{rot['median_residual_nothing_deg']:.1f}), slope {slope}, scale {rot['scale_mean']:.2f}")
+    if "median_centre_offset" in rot:
+        text += (f", centre off by {rot['median_centre_offset']:.2f} (none: "
+                 f"{rot['median_centre_offset_nothing']:.2f})")
     return text
+
+
+def _caption(model_name, seed, r):
+    return f"{model_name} (seed {seed}): {r['error']:.1f}% test error" + _measures(r)
 
 
 # --- the experiment -------------------------------------------------------------------------------------
@@ -538,15 +558,14 @@ def _run_line(r):
     line = (f"{r['distortion']:>4} {r['model']:<12} seed {r['seed']}: {r['error']:5.1f}% test error"
             + (f", {r['val_error']:.1f}% val" if r["val_error"] is not None else "")
             + f", {r['params']:,} params ({r['train_seconds']:.0f} s)")
-    rot = r.get("rotation") or {}
-    if "median_residual_deg" in rot:
-        slope = "n/a" if rot["slope"] is None else f"{rot['slope']:.2f}"
-        line += (f"; rotation left {rot['median_residual_deg']:.1f} deg (none: "
-                 f"{rot['median_residual_nothing_deg']:.1f}), slope {slope}, scale {rot['scale_mean']:.2f}")
-    return line
+    return line + _measures(r)
 
 
-def run(cfg, log=print):
+def _print(*args):
+    print(*args, flush=True)  # a log file sees each line when it happens, not at exit
+
+
+def run(cfg, log=_print):
     """Run the experiment described by ``cfg``; write results.json, table.md, figures/*.png (and with
     ``cfg.save_models`` models/*.pt) under ``cfg.out``; return the results dict. ``log`` gets one line
     per finished run; progress bars appear only when ``cfg.progress`` and stdout and stderr are a
@@ -569,7 +588,7 @@ def run(cfg, log=print):
     results = []
     bars = cfg.progress and _interactive()
     bar = tqdm(total=len(runs) * cfg.epochs, unit="epoch", dynamic_ncols=True) if bars else None
-    say = bar.write if bar is not None and log is print else log
+    say = bar.write if bar is not None and log is _print else log
     for d in cfg.distortions:
         fig_outputs, fig_inputs, captions = {}, None, []
         for s in cfg.seeds:
@@ -583,7 +602,8 @@ def run(cfg, log=print):
                      "val_errors": [round(v, 3) for v in t.val_errors], "code": code}
                 if d in ROTATING:
                     if hasattr(t.model, "transformer") and t.model.transformer.family.name == "affine":
-                        r["rotation"] = rotation_report(t.model, t.test_x, t.test_params["angle"])
+                        r["rotation"] = rotation_report(t.model, t.test_x, t.test_params["angle"],
+                                                        applied_shift=t.test_params.get("shift"))
                     else:
                         nothing = _median(torch.rad2deg(t.test_params["angle"]).abs())
                         r["rotation"] = {"median_residual_nothing_deg": float(nothing)}

@@ -64,7 +64,10 @@ def with_angles(angles):
 
 def test_rotation_report_on_a_transformer_that_undoes_the_rotation():
     angles = torch.linspace(-math.pi / 2, math.pi / 2, 41, dtype=torch.float64)
-    r = rotation_report(hand_set(1.0, zoom=0.8, shift=(0.1, -0.2)), with_angles(angles), angles, per_sample=True)
+    placed = torch.tensor([[0.1, -0.2]]).expand(41, 2)
+    r = rotation_report(hand_set(1.0, zoom=0.8, shift=(0.1, -0.2)), with_angles(angles), angles, per_sample=True,
+                        applied_shift=placed)
+    assert r["median_centre_offset"] < 1e-6 and r["median_centre_offset_nothing"] == pytest.approx(math.hypot(0.1, 0.2))
     assert r["median_residual_deg"] < 1e-3 and max(map(abs, r["residual_deg"])) < 1e-3
     assert r["slope"] == pytest.approx(1.0, abs=1e-5) and r["intercept_deg"] == pytest.approx(0.0, abs=1e-3)
     assert r["scale_mean"] == pytest.approx(0.8, abs=1e-5)
