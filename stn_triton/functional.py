@@ -14,7 +14,7 @@ import torch
 from . import ops
 from ._backend import backend
 
-MODES = ("bilinear", "nearest")
+MODES = ("bilinear", "nearest", "bicubic")  # bicubic: 4-D input only (PyTorch's rule)
 PADDING_MODES = ("zeros", "border", "reflection")
 _MAX_BASIS_NUMEL = 2**31 - 1
 _ALIGN_CORNERS_WARNING = (  # PyTorch's own, word for word, so that filters written for it match ours
@@ -39,17 +39,47 @@ def _check_tensor(name, t):
                                 f"got dtype {t.dtype}")
 
 
-def _check_input(x, name="x"):
+def _check_input(x, name="x", no_3d=None):
+    """x must be a 4-D float tensor (N, C, H, W) with non-empty H, W. ``no_3d``: the function's name,
+    when a 5-D input deserves to hear that the function has no 3-D form."""
     _check_tensor(name, x)
     if x.dim() != 4:
-        raise ArgumentError(f"{name}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        why = f" ({no_3d} has no 3-D form)" if no_3d and x.dim() == 5 else ""
+        raise ArgumentError(f"{name}: expected a 4-D input (N, C, H, W){why}, got shape {tuple(x.shape)}")
     if x.shape[2] < 1 or x.shape[3] < 1:
         raise ArgumentError(f"{name}: expected non-empty height and width, got shape {tuple(x.shape)}")
 
 
+def _check_input_nd(x, name="x"):
+    """x must be a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) float tensor with non-empty spatial
+    dimensions. Returns the number of spatial dimensions: 2 or 3."""
+    _check_tensor(name, x)
+    if x.dim() == 4:
+        _check_input(x, name)
+        return 2
+    if x.dim() != 5:
+        raise ArgumentError(f"{name}: expected a 4-D input (N, C, H, W) or a 5-D input (N, C, D, H, W), "
+                            f"got shape {tuple(x.shape)}")
+    if min(x.shape[2:]) < 1:
+        raise ArgumentError(f"{name}: expected non-empty depth, height and width, got shape {tuple(x.shape)}")
+    return 3
+
+
+def _check_options_nd(nd, mode, padding_mode, align_corners, name="x"):
+    """:func:`_check_options` for an input of ``nd`` spatial dimensions: 5-D input has no bicubic
+    sampling (PyTorch's grid_sample has none either)."""
+    if nd == 3 and mode == "bicubic":
+        raise ArgumentError(f"mode: 'bicubic' is for 4-D input only (as in PyTorch's grid_sample); a 5-D {name} "
+                            f"takes 'bilinear' (trilinear) or 'nearest'")
+    return _check_options(mode, padding_mode, align_corners)
+
+
 def _check_options(mode, padding_mode, align_corners):
-    """Returns align_corners as a bool (None means False, as in PyTorch)."""
-    if mode not in MODES:
+    """Returns align_corners as a bool (None means False, as in PyTorch).
+
+    Accepts every mode of :data:`MODES`; ``"bicubic"`` is for 4-D input only, which the caller
+    checks where it knows the input's dimension (``mode == "bicubic"``)."""
+    if not isinstance(mode, str) or mode not in MODES:
         raise ArgumentError(f"mode: expected one of {MODES}, got {mode!r}")
     if padding_mode not in PADDING_MODES:
         raise ArgumentError(f"padding_mode: expected one of {PADDING_MODES}, got {padding_mode!r}")
@@ -61,21 +91,26 @@ def _check_options(mode, padding_mode, align_corners):
 
 
 def _check_size(size, x):
-    """size: None (the input's H, W), an int, or a pair of ints >= 0 -> [Ho, Wo]."""
+    """size: None (the input's spatial size), an int, or one int >= 0 per spatial dimension of x
+    (Ho, Wo for a 4-D input; Do, Ho, Wo for a 5-D one) -> a list of ints."""
+    nd = x.dim() - 2
     if size is None:
-        return [int(x.shape[2]), int(x.shape[3])]
+        return [int(s) for s in x.shape[2:]]
     if isinstance(size, numbers.Integral) and not isinstance(size, bool):
-        size = (size, size)
-    if (not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2
+        size = (size,) * nd
+    names = "(Ho, Wo) as two ints" if nd == 2 else "(Do, Ho, Wo) as three ints for a 5-D input"
+    if (not isinstance(size, (tuple, list, torch.Size)) or len(size) != nd
             or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in size)):
-        raise ArgumentError(f"size: expected the output size (Ho, Wo) as two ints, got {size!r}")
-    if size[0] < 0 or size[1] < 0:
-        raise ArgumentError(f"size: expected a non-negative output height and width, got {tuple(size)}")
-    return [int(size[0]), int(size[1])]
+        raise ArgumentError(f"size: expected the output size {names}, got {size!r}")
+    if any(s < 0 for s in size):
+        what = "height and width" if nd == 2 else "depth, height and width"
+        raise ArgumentError(f"size: expected a non-negative output {what}, got {tuple(size)}")
+    return [int(s) for s in size]
 
 
-def _check_params(name, t, x, tail, what):
-    """t must be (N, *tail) or (N, K, *tail) on x's device; returns (t as (N, K, *tail), had_k)."""
+def _check_params(name, t, x, tail, what, other=None):
+    """t must be (N, *tail) or (N, K, *tail) on x's device; returns (t as (N, K, *tail), had_k).
+    ``other``: (the other dimensionality's tail, a hint) to add when t has that shape instead."""
     _check_tensor(name, t)
     if t.device != x.device:
         raise ArgumentError(f"{name}: expected a tensor on {x.device} (the device of x), got {t.device}")
@@ -87,10 +122,17 @@ def _check_params(name, t, x, tail, what):
         had_k = True
     else:
         dims = ", ".join(str(d) for d in tail)
-        raise ArgumentError(f"{name}: expected {what} of shape (N, {dims}) or (N, K, {dims}), got {shape}")
+        hint = ""
+        if other is not None and t.dim() >= len(other[0]) + 1 and shape[-len(other[0]):] == tuple(other[0]):
+            hint = f"; {other[1]}"
+        raise ArgumentError(f"{name}: expected {what} of shape (N, {dims}) or (N, K, {dims}), got {shape}{hint}")
     if t.shape[0] != x.shape[0]:
         raise ArgumentError(f"{name}: batch size {t.shape[0]} does not match the batch size of x, {x.shape[0]}")
     return t, had_k
+
+
+_FOR_5D = "that shape is for a 5-D input (N, C, D, H, W)"
+_FOR_4D = "that shape is for a 4-D input (N, C, H, W)"
 
 
 def _run(form, x, params, size, mode, padding_mode, align_corners, had_k):
@@ -107,11 +149,17 @@ def affine_sample(x, theta, size=None, mode="bilinear", padding_mode="zeros", al
     Equals ``F.grid_sample(x, F.affine_grid(theta, (N, C, *size), align_corners), mode, padding_mode,
     align_corners)``. ``x``: (N, C, H, W); ``theta``: (N, 2, 3) -> output (N, C, Ho, Wo), or (N, K, 2, 3)
     for K parallel transforms -> (N, K, C, Ho, Wo). ``size`` = (Ho, Wo), default the input's (H, W).
+
+    Volumetric: ``x`` (N, C, D, H, W), ``theta`` (N, 3, 4) or (N, K, 3, 4), ``size`` = (Do, Ho, Wo)
+    -> (N, C, Do, Ho, Wo) or (N, K, C, Do, Ho, Wo); ``mode="bilinear"`` is trilinear, as in PyTorch.
     """
-    _check_input(x)
-    align_corners = _check_options(mode, padding_mode, align_corners)
+    nd = _check_input_nd(x)
+    align_corners = _check_options_nd(nd, mode, padding_mode, align_corners)
     size = _check_size(size, x)
-    theta, had_k = _check_params("theta", theta, x, (2, 3), "affine matrices")
+    if nd == 3:
+        theta, had_k = _check_params("theta", theta, x, (3, 4), "affine matrices for a 5-D input", ((2, 3), _FOR_4D))
+        return _run("affine3d", x, (theta,), size, mode, padding_mode, align_corners, had_k)
+    theta, had_k = _check_params("theta", theta, x, (2, 3), "affine matrices", ((3, 4), _FOR_5D))
     return _run("affine", x, (theta,), size, mode, padding_mode, align_corners, had_k)
 
 
@@ -121,7 +169,7 @@ def projective_sample(x, h, size=None, mode="bilinear", padding_mode="zeros", al
     The output pixel with base coordinate (x, y) (``affine_grid``'s) samples at
     ``(u / w, v / w)`` with ``[u, v, w] = h @ [x, y, 1]``.
     """
-    _check_input(x)
+    _check_input(x, no_3d="projective_sample")
     align_corners = _check_options(mode, padding_mode, align_corners)
     size = _check_size(size, x)
     h, had_k = _check_params("h", h, x, (3, 3), "homographies")
@@ -133,45 +181,66 @@ def basis_sample(x, m, basis, size, mode="bilinear", padding_mode="zeros", align
 
     Column p of ``basis`` describes output pixel p (row-major); the sampling coordinate of pixel p is
     ``m @ basis[:, p]`` (normalised, as ``grid_sample``'s grid). ``size`` = (Ho, Wo) is required.
+
+    Volumetric: ``x`` (N, C, D, H, W), ``m`` (N, 3, Dm) or (N, K, 3, Dm), ``basis`` (Dm, Do*Ho*Wo)
+    (voxels row-major: depth, row, column), ``size`` = (Do, Ho, Wo); coordinates (x, y, z).
     """
-    _check_input(x)
-    align_corners = _check_options(mode, padding_mode, align_corners)
+    nd = _check_input_nd(x)
+    align_corners = _check_options_nd(nd, mode, padding_mode, align_corners)
+    sizes = "(Ho, Wo); basis has Ho*Wo columns" if nd == 2 else "(Do, Ho, Wo); basis has Do*Ho*Wo columns"
     if size is None:
-        raise ArgumentError("size: basis_sample needs the output size (Ho, Wo); basis has Ho*Wo columns")
+        raise ArgumentError(f"size: basis_sample needs the output size {sizes}")
     size = _check_size(size, x)
     _check_tensor("basis", basis)
     if basis.device != x.device:
         raise ArgumentError(f"basis: expected a tensor on {x.device} (the device of x), got {basis.device}")
-    P = size[0] * size[1]
+    P = 1
+    for s in size:
+        P *= s
+    cols = "Ho*Wo" if nd == 2 else "Do*Ho*Wo"
     if basis.dim() != 2 or basis.shape[1] != P:
-        raise ArgumentError(f"basis: expected shape (D, Ho*Wo) = (D, {P}) for size {tuple(size)}, "
+        raise ArgumentError(f"basis: expected shape (D, {cols}) = (D, {P}) for size {tuple(size)}, "
                             f"got {tuple(basis.shape)}")
     if basis.numel() > _MAX_BASIS_NUMEL:
         raise ArgumentError(f"basis: at most 2^31 - 1 elements are supported, got {basis.numel()}")
-    m, had_k = _check_params("m", m, x, (2, basis.shape[0]), f"coefficient matrices for D={basis.shape[0]}")
+    D = basis.shape[0]
+    if nd == 3:
+        m, had_k = _check_params("m", m, x, (3, D), f"coefficient matrices for D={D} and a 5-D input",
+                                 ((2, D), _FOR_4D))
+        return _run("basis3d", x, (m, basis), size, mode, padding_mode, align_corners, had_k)
+    m, had_k = _check_params("m", m, x, (2, D), f"coefficient matrices for D={D}", ((3, D), _FOR_5D))
     return _run("basis", x, (m, basis), size, mode, padding_mode, align_corners, had_k)
 
 
 def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
-    """Drop-in for ``F.grid_sample`` on 4-D input: ``grid`` (N, Ho, Wo, 2) -> (N, C, Ho, Wo).
+    """Drop-in for ``F.grid_sample``: ``grid`` (N, Ho, Wo, 2) -> (N, C, Ho, Wo) on 4-D input,
+    ``grid`` (N, Do, Ho, Wo, 3) -> (N, C, Do, Ho, Wo) on 5-D input (coordinates (x, y, z);
+    ``mode="bilinear"`` is trilinear).
 
     The same signature and semantics as PyTorch's (``align_corners=None`` means False, with PyTorch's
-    warning); also takes ``grid`` (N, K, Ho, Wo, 2) for K grids over one input -> (N, K, C, Ho, Wo).
-    The grid may have another floating dtype than the input (PyTorch requires the same).
+    warning); also takes ``grid`` (N, K, Ho, Wo, 2) (5-D input: (N, K, Do, Ho, Wo, 3)) for K grids over
+    one input -> (N, K, C, Ho, Wo) (or (N, K, C, Do, Ho, Wo)). The grid may have another floating dtype
+    than the input (PyTorch requires the same).
     """
     if align_corners is None:
         warnings.warn(_ALIGN_CORNERS_WARNING, UserWarning, stacklevel=2)
     x = input
-    _check_input(x, "input")
-    align_corners = _check_options(mode, padding_mode, align_corners)
+    nd = _check_input_nd(x, "input")
+    align_corners = _check_options_nd(nd, mode, padding_mode, align_corners, "input")
     _check_tensor("grid", grid)
     if grid.device != x.device:
         raise ArgumentError(f"grid: expected a tensor on {x.device} (the device of input), got {grid.device}")
-    if grid.dim() not in (4, 5) or grid.shape[-1] != 2:
-        raise ArgumentError(f"grid: expected shape (N, Ho, Wo, 2) or (N, K, Ho, Wo, 2), got {tuple(grid.shape)}")
+    if nd == 2:
+        expected = "(N, Ho, Wo, 2) or (N, K, Ho, Wo, 2)"
+        hint = f"; {_FOR_5D}" if grid.dim() in (5, 6) and grid.shape[-1] == 3 else ""
+    else:
+        expected = "(N, Do, Ho, Wo, 3) or (N, K, Do, Ho, Wo, 3) for a 5-D input"
+        hint = f"; {_FOR_4D}" if grid.dim() in (4, 5) and grid.shape[-1] == 2 else ""
+    if grid.dim() not in (nd + 2, nd + 3) or grid.shape[-1] != nd:
+        raise ArgumentError(f"grid: expected shape {expected}, got {tuple(grid.shape)}{hint}")
     if grid.shape[0] != x.shape[0]:
         raise ArgumentError(f"grid: batch size {grid.shape[0]} does not match the batch size of input, {x.shape[0]}")
-    had_k = grid.dim() == 5
+    had_k = grid.dim() == nd + 3
     grid = grid if had_k else grid.unsqueeze(1)
-    size = [int(grid.shape[2]), int(grid.shape[3])]
-    return _run("grid", x, (grid,), size, mode, padding_mode, align_corners, had_k)
+    size = [int(s) for s in grid.shape[2:2 + nd]]
+    return _run("grid" if nd == 2 else "grid3d", x, (grid,), size, mode, padding_mode, align_corners, had_k)

@@ -16,14 +16,36 @@ def _family(transform, options):
     return get_transform(transform, **options)
 
 
+def _family_ndim(family):
+    return getattr(family, "ndim", 2)
+
+
+def _check_family_fits(family, x, name="x"):
+    """A 2-D family takes a 4-D input, a 3-D family a 5-D one."""
+    nd = _family_ndim(family)
+    if nd == x.dim() - 2:
+        return
+    if nd == 2:
+        raise Fn.ArgumentError(f"transform: family {family.name!r} is 2-D; a 5-D {name} (N, C, D, H, W) needs a 3-D "
+                               f"family (ndim = 3, such as 'affine3d' or 'attention3d'), got {name} of shape "
+                               f"{tuple(x.shape)}")
+    raise Fn.ArgumentError(f"transform: family {family.name!r} is {nd}-D and takes a {nd + 2}-D {name}; a 4-D {name} "
+                           f"(N, C, H, W) needs a 2-D family (such as 'affine' or 'attention'), got {name} of shape "
+                           f"{tuple(x.shape)}")
+
+
 def spatial_transform(x, theta, transform="affine", size=None, mode="bilinear", padding_mode="zeros",
                       align_corners=False, **options):
     """Warp ``x`` (N, C, H, W) by the family ``transform`` (a registered name or an instance) with
     parameters ``theta`` (N, P) -> (N, C, Ho, Wo), or (N, K, P) -> (N, K, C, Ho, Wo), through the
-    fused kernel form the family maps to. ``options`` construct the family (e.g. ``grid_size``)."""
+    fused kernel form the family maps to. ``options`` construct the family (e.g. ``grid_size``).
+
+    A 3-D family (``affine3d``, ``attention3d``) warps a 5-D ``x`` (N, C, D, H, W) to
+    (N, [K,] C, Do, Ho, Wo), ``size`` = (Do, Ho, Wo)."""
     family = _family(transform, options)
-    Fn._check_input(x)
-    align_corners = Fn._check_options(mode, padding_mode, align_corners)
+    nd = Fn._check_input_nd(x)
+    _check_family_fits(family, x)
+    align_corners = Fn._check_options_nd(nd, mode, padding_mode, align_corners)
     size = Fn._check_size(size, x)
     Fn._check_tensor("theta", theta)
     if theta.dim() not in (2, 3) or theta.shape[-1] != family.num_params:
@@ -41,6 +63,9 @@ def spatial_transform(x, theta, transform="affine", size=None, mode="bilinear", 
     if form.kind == "affine":
         return Fn.affine_sample(x, m, size, **opts)
     if form.kind == "projective":
+        if nd == 3:
+            raise Fn.ArgumentError(f"transform: family {family.name!r} gave a projective kernel form, which has no "
+                                   f"3-D version; a 3-D family must use the affine, basis or grid form")
         return Fn.projective_sample(x, m, size, **opts)
     if form.kind == "basis":
         return Fn.basis_sample(x, m, form.basis, size, **opts)
@@ -62,8 +87,15 @@ class _IdentityHead(nn.LazyLinear):
                 self.bias.copy_(self.identity)
 
 
-def default_localization():
-    """A small CNN (any number of input channels) ending in a 32-d feature vector."""
+def default_localization(ndim=2):
+    """A small CNN (any number of input channels) ending in a 32-d feature vector; ``ndim=3``: its
+    volumetric counterpart (3-D convolutions, for 5-D input)."""
+    if ndim == 3:
+        return nn.Sequential(
+            nn.LazyConv3d(8, 5, padding=2), nn.MaxPool3d(2, ceil_mode=True), nn.ReLU(True),
+            nn.Conv3d(8, 10, 3, padding=1), nn.MaxPool3d(2, ceil_mode=True), nn.ReLU(True),
+            nn.AdaptiveAvgPool3d(2), nn.Flatten(), nn.Linear(80, 32), nn.ReLU(True),
+        )
     return nn.Sequential(
         nn.LazyConv2d(8, 7, padding=3), nn.MaxPool2d(2, ceil_mode=True), nn.ReLU(True),
         nn.Conv2d(8, 10, 5, padding=2), nn.MaxPool2d(2, ceil_mode=True), nn.ReLU(True),
@@ -78,6 +110,9 @@ class SpatialTransformer(nn.Module):
     ``None`` gives :func:`default_localization`. A regression layer (zero weights, identity bias)
     maps the features to ``num_transforms`` sets of the family's parameters. With
     ``num_transforms=K > 1`` the output is (N, K, C, Ho, Wo).
+
+    A 3-D family (``transform="affine3d"`` or ``"attention3d"``) transforms 5-D input (N, C, D, H, W),
+    ``size`` = (Do, Ho, Wo); the default localisation network is then the 3-D one.
     """
 
     def __init__(self, localization=None, transform="affine", size=None, num_transforms=1, mode="bilinear",
@@ -90,13 +125,17 @@ class SpatialTransformer(nn.Module):
             options.setdefault("size", size)
             options.setdefault("align_corners", align_corners)
         self.family = _family(transform, options)
-        self.localization = localization if localization is not None else default_localization()
+        Fn._check_options_nd(_family_ndim(self.family), mode, padding_mode, align_corners)  # 3-D: no bicubic
+        self.localization = (localization if localization is not None
+                             else default_localization(_family_ndim(self.family)))
         self.num_transforms = num_transforms
         self.head = _IdentityHead(self.family.identity().float().repeat(num_transforms))
         self.size, self.mode, self.padding_mode, self.align_corners = size, mode, padding_mode, align_corners
         self.return_theta = return_theta
 
     def forward(self, x):
+        Fn._check_input_nd(x)
+        _check_family_fits(self.family, x)  # before the localisation network sees a wrong input
         feats = self.localization(x).flatten(1)
         theta = self.head(feats)  # (N, K * P)
         if self.num_transforms > 1:

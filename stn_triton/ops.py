@@ -11,7 +11,13 @@ op                     parameters                                   gradients
 ``projective_sample``  ``h (N, K, 3, 3)``                           x, h
 ``basis_sample``       ``m (N, K, 2, D)``, ``basis (D, Ho*Wo)``     x, m, basis
 ``grid_sample``        ``grid (N, K, Ho, Wo, 2)``                   x, grid
+``affine3d_sample``    ``theta (N, K, 3, 4)``                       x, theta
+``basis3d_sample``     ``m (N, K, 3, D)``, ``basis (D, Do*Ho*Wo)``  x, m, basis
+``grid3d_sample``      ``grid (N, K, Do, Ho, Wo, 3)``               x, grid
 =====================  ===========================================  =========================
+
+The 3-D ops take a 5-D input ``x (N, C, D, H, W)``, ``size = [Do, Ho, Wo]``, and return
+``(N, K, C, Do, Ho, Wo)`` (``mode="bilinear"`` is trilinear, as in PyTorch).
 
 Each has a ``<name>_backward`` op returning one gradient per tensor input (an empty tensor for one
 not asked for), so that ``torch.compile`` traces forward and backward through the fake
@@ -22,7 +28,7 @@ import torch
 
 from . import reference
 from ._backend import backend
-from .kernels import launch
+from .kernels import launch, launch_volume
 
 _LIB = torch.library.Library("stn_triton", "FRAGMENT")  # autocast registrations live here
 _TAIL = "SymInt[] size, str mode, str padding_mode, bool align_corners"
@@ -31,23 +37,44 @@ _FORMS = {  # form -> names of its parameter tensors
     "projective": ("h",),
     "basis": ("m", "basis"),
     "grid": ("grid",),
+    "affine3d": ("theta",),
+    "basis3d": ("m", "basis"),
+    "grid3d": ("grid",),
 }
+FORMS_3D = reference.FORMS_3D  # ("affine3d", "basis3d", "grid3d"): 5-D input, (N, K, C, Do, Ho, Wo) output
 
 
 def _num_k(form, params):
     return params[0].shape[1]
 
 
+def _is_3d(form):
+    return form in FORMS_3D
+
+
+def _form_sample(form, x, params, size, mode, padding_mode, align_corners):
+    """The reference forward of any form, 2-D or 3-D."""
+    sample = reference.form_sample3d if _is_3d(form) else reference.form_sample
+    return sample(form, x, params, size, mode, padding_mode, align_corners)
+
+
+def _new_output(form, x, K, size):
+    """The output buffer (and layout) every path returns: see launch.new_output / new_output3d."""
+    if _is_3d(form):
+        return launch_volume.new_output3d(x, K, *size)
+    return launch.new_output(x, K, *size)
+
+
 def _kernel_params(form, params):
     """(prm float32 (N*K, R) contiguous, aux, D, R) as the kernels take them."""
     p0 = params[0]
-    if form == "grid":
+    if form in ("grid", "grid3d"):
         return p0.new_zeros(1, dtype=torch.float32), p0, 0, 0
     NK = p0.shape[0] * p0.shape[1]
     prm = p0.reshape(NK, p0.shape[2:].numel()).to(torch.float32).contiguous()
-    if form == "basis":
+    if form in ("basis", "basis3d"):
         D = p0.shape[-1]
-        return prm, params[1].to(torch.float32).contiguous(), D, 2 * D
+        return prm, params[1].to(torch.float32).contiguous(), D, p0.shape[-2] * D
     return prm, prm, 0, prm.shape[1]
 
 
@@ -55,13 +82,16 @@ def _forward(form, x, params, size, mode, padding_mode, align_corners):
     size = [int(s) for s in size]
     if backend(x) == "reference":
         with torch.no_grad():
-            ref = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
-        return launch.new_output(x, ref.shape[1], *size).copy_(ref)  # the layout the fake promises
+            ref = _form_sample(form, x, params, size, mode, padding_mode, align_corners)
+        return _new_output(form, x, ref.shape[1], size).copy_(ref)  # the layout the fake promises
     return _kernel_forward(form, x, params, size, mode, padding_mode, align_corners)
 
 
 def _kernel_forward(form, x, params, size, mode, padding_mode, align_corners):
     prm, aux, D, _ = _kernel_params(form, params)
+    if _is_3d(form):
+        return launch_volume.sample3d_forward(form, x, prm, aux, _num_k(form, params), size, D,
+                                              mode, padding_mode, align_corners)
     return launch.sample_forward(form, x, prm, aux, _num_k(form, params), size[0], size[1], D,
                                   mode, padding_mode, align_corners)
 
@@ -79,7 +109,7 @@ def _backward(form, grad_out, x, params, size, mode, padding_mode, align_corners
 def _reference_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
     # torch.func.vjp, not torch.autograd.grad: inside a custom op the autograd keys are excluded
     def fn(*inputs):
-        return reference.form_sample(form, inputs[0], inputs[1:], size, mode, padding_mode, align_corners)
+        return _form_sample(form, inputs[0], inputs[1:], size, mode, padding_mode, align_corners)
 
     _, vjp = torch.func.vjp(fn, x, *params)
     grads = []
@@ -90,6 +120,8 @@ def _reference_backward(form, grad_out, x, params, size, mode, padding_mode, ali
 
 
 def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
+    if _is_3d(form):
+        return _kernel_backward3d(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs)
     Ho, Wo = size
     K = _num_k(form, params)
     prm, aux, D, R = _kernel_params(form, params)
@@ -115,6 +147,31 @@ def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_
     return grads
 
 
+def _kernel_backward3d(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
+    K = _num_k(form, params)
+    prm, aux, D, R = _kernel_params(form, params)
+    need_x, need_p0 = needs[0], needs[1]
+    grid = form == "grid3d"
+    need_basis = form == "basis3d" and needs[2]
+    grad_x, grad_prm, gg = launch_volume.sample3d_backward(
+        form, grad_out, x, prm, aux, K, size, D, R, mode, padding_mode, align_corners,
+        need_x=need_x, need_param=need_p0 and not grid, need_gg=(grid and need_p0) or need_basis,
+    )
+    p0 = params[0]
+    g0 = None
+    if need_p0:
+        g0 = (gg if grid else grad_prm).reshape(p0.shape).to(p0.dtype)
+    grads = [grad_x, g0]
+    if form == "basis3d":
+        if not need_basis:
+            grads.append(None)
+        elif x.shape[1] * prm.shape[0] == 0:  # an empty output: dL/dB is zero, no kernel runs
+            grads.append(torch.zeros_like(params[1]))
+        else:
+            grads.append(launch_volume.basis3d_grad(prm, gg, D, size[0] * size[1] * size[2]).to(params[1].dtype))
+    return grads
+
+
 def double_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs, ggrads, wanted):
     """The backward of a backward op: the gradients of <dL/dx, dL/dparams> (weighted by ``ggrads``)
     with respect to (grad_out, x, params), for the ``wanted`` ones (None for the others).
@@ -131,7 +188,7 @@ def double_backward(form, grad_out, x, params, size, mode, padding_mode, align_c
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in (grad_out, x, *params)]
         go, xs, ps = leaves[0], leaves[1], leaves[2:]
-        out = reference.form_sample(form, xs, ps, size, mode, padding_mode, align_corners)
+        out = _form_sample(form, xs, ps, size, mode, padding_mode, align_corners)
         firsts = torch.autograd.grad(out, [(xs, *ps)[i] for i, _ in pairs], go, create_graph=True, allow_unused=True)
         used = [(f, g) for f, (_, g) in zip(firsts, pairs) if f is not None]
         inputs = [t for t, w in zip(leaves, wanted) if w]
@@ -142,7 +199,7 @@ def double_backward(form, grad_out, x, params, size, mode, padding_mode, align_c
 
 
 def _fake_forward(form, x, params, size, mode, padding_mode, align_corners):
-    return launch.new_output(x, _num_k(form, params), size[0], size[1])
+    return _new_output(form, x, _num_k(form, params), size)
 
 
 def _fake_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
@@ -209,15 +266,16 @@ def autocast_inputs(x, params, device_type):
 
 def reference_forward(form, x, params, size, mode, padding_mode, align_corners):
     """The reference path as the public functions take it (plain autograd, so differentiable to any
-    order), with the ops' autocast rule and output layout: (N, K, C, Ho, Wo) in x's memory format."""
+    order), with the ops' autocast rule and output layout: (N, K, C, Ho, Wo) (3-D forms:
+    (N, K, C, Do, Ho, Wo)) in x's memory format."""
     device_type = x.device.type
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         x, params = autocast_inputs(x, params, device_type)
         with torch.autocast(device_type, enabled=False):  # the ops compute in these dtypes too
-            out = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
+            out = _form_sample(form, x, params, size, mode, padding_mode, align_corners)
     else:
-        out = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
-    return launch.in_layout_of(out, x)
+        out = _form_sample(form, x, params, size, mode, padding_mode, align_corners)
+    return launch_volume.in_layout_of3d(out, x) if _is_3d(form) else launch.in_layout_of(out, x)
 
 
 def _register_autocast(name, op, n, device_type):
@@ -238,3 +296,6 @@ affine_sample, affine_sample_backward = OPS["affine"]
 projective_sample, projective_sample_backward = OPS["projective"]
 basis_sample, basis_sample_backward = OPS["basis"]
 grid_sample, grid_sample_backward = OPS["grid"]
+affine3d_sample, affine3d_sample_backward = OPS["affine3d"]
+basis3d_sample, basis3d_sample_backward = OPS["basis3d"]
+grid3d_sample, grid3d_sample_backward = OPS["grid3d"]

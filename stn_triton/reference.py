@@ -13,6 +13,12 @@ crash in backward); we follow the CUDA kernel's forward, which the Triton kernel
 
 Gradients are those of this forward: such a coordinate gets gradient 0, and the input pixel it reads
 receives the incoming gradient.
+
+Bicubic pads each of its 16 taps, not the coordinate, and PyTorch's CUDA kernel gives NaN for a
+non-finite coordinate in every padding mode (its taps read the pixels above, with NaN weights). We
+keep the rules above instead, the pixels CUDA's taps read with a finite weight: ``zeros`` reads
+nothing; ``border`` reads pixel 0 (NaN, -inf) or the last pixel (+inf) with weight 1; ``reflection``
+reads pixel 0 with weight 1. The kernels do the same (:mod:`stn_triton.kernels.common`).
 """
 
 import torch
@@ -66,11 +72,14 @@ def _sanitize(grid, size_hw, padding_mode, align_corners):
         ok = (finite & (pix.abs() < _FAR)).all(dim=-1)
         return torch.where(ok[..., None], grid, torch.zeros_like(grid)), ok
     if padding_mode == "border":
-        # -2 and +2 lie beyond either border for both align_corners settings (clip -> 0 or size-1).
-        far = torch.where(grid == float("inf"), 2.0, -2.0).to(grid.dtype)
+        # -4 and +4 lie beyond either border for both align_corners settings (clip -> 0 or size-1),
+        # far enough that all four bicubic taps clip to that border too, at a whole or half pixel
+        # (weights summing to exactly 1).
+        far = torch.where(grid == float("inf"), 4.0, -4.0).to(grid.dtype)
     else:
         # Any point that reflects to pixel 0: the left border's centre (align_corners) or one
-        # pixel beyond the left edge (not align_corners), whose reflection is pixel 0's centre.
+        # pixel beyond the left edge (not align_corners), whose reflection is pixel 0's centre
+        # (bicubic: the tap there, of weight 1, reflects to pixel 0).
         far = torch.full_like(grid, -1.0)
         if not align_corners:
             far = far - 1.0 / grid.new_tensor([W, H])
@@ -78,7 +87,8 @@ def _sanitize(grid, size_hw, padding_mode, align_corners):
 
 
 def sample(x, grid, mode, padding_mode, align_corners):
-    """x (N, C, H, W), grid (N, K, Ho, Wo, 2) -> (N, K, C, Ho, Wo), autograd-able."""
+    """x (N, C, H, W), grid (N, K, Ho, Wo, 2) -> (N, K, C, Ho, Wo), autograd-able; any mode of
+    ``F.grid_sample`` for 4-D input (bilinear, nearest, bicubic)."""
     N, C, H, W = x.shape
     K, Ho, Wo = grid.shape[1:4]
     compute = torch.float32 if (x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu") else x.dtype
@@ -107,3 +117,87 @@ def form_sample(form, x, params, size, mode, padding_mode, align_corners):
     """Reference forward of any form: x (N, C, H, W) -> (N, K, C, Ho, Wo)."""
     grid = form_grid(form, params, size, align_corners)
     return sample(x, grid, mode, padding_mode, align_corners)
+
+
+# --------------------------------------------------------------------------------------------------
+# Volumetric (5-D) forms: input (N, C, D, H, W), grid (..., 3) with coordinates (x, y, z)
+# --------------------------------------------------------------------------------------------------
+# The same rules as the 2-D forms above (non-finite coordinates included), one dimension up. Forms
+# "affine3d" (theta (N, K, 3, 4)), "basis3d" (m (N, K, 3, Dm), basis (Dm, Do*Ho*Wo)) and "grid3d"
+# (grid (N, K, Do, Ho, Wo, 3)); every output is (N, K, C, Do, Ho, Wo).
+
+FORMS_3D = ("affine3d", "basis3d", "grid3d")
+
+
+def base_grid3d(size, align_corners, dtype, device):
+    """PyTorch's 5-D affine_grid base, homogeneous: (Do*Ho*Wo, 4) rows [x_p, y_p, z_p, 1], voxels
+    row-major (depth, then row, then column)."""
+    return transforms_registry.base_grid(size, align_corners, dtype, device).T
+
+
+def affine_grid3d(theta, size, align_corners):
+    """theta (N, K, 3, 4) -> grid (N, K, Do, Ho, Wo, 3)."""
+    N, K = theta.shape[:2]
+    if N * K * size[0] * size[1] * size[2] == 0:  # F.affine_grid refuses empty sizes
+        return torch.einsum("nkij,pj->nkpi", theta, base_grid3d(size, align_corners, theta.dtype, theta.device)
+                            ).reshape(N, K, *size, 3)
+    g = F.affine_grid(theta.reshape(N * K, 3, 4), (N * K, 1, *size), align_corners=align_corners)
+    return g.reshape(N, K, *size, 3)
+
+
+def basis_grid3d(m, basis, size):
+    """m (N, K, 3, Dm), basis (Dm, Do*Ho*Wo) -> grid (N, K, Do, Ho, Wo, 3)."""
+    N, K = m.shape[:2]
+    return torch.einsum("nkcd,dp->nkpc", m, basis).reshape(N, K, *size, 3)
+
+
+def _sanitize3d(grid, size_dhw, padding_mode, align_corners):
+    """:func:`_sanitize` for a (..., 3) grid over a (D, H, W) volume: the same rules per axis."""
+    D, H, W = size_dhw
+    sizes = grid.new_tensor([W, H, D])  # the grid's axes are x, y, z
+    scale = (sizes - 1) / 2 if align_corners else sizes / 2
+    offset = (sizes - 1) / 2
+    finite = torch.isfinite(grid)
+    if padding_mode == "zeros":
+        pix = grid * scale + offset
+        ok = (finite & (pix.abs() < _FAR)).all(dim=-1)
+        return torch.where(ok[..., None], grid, torch.zeros_like(grid)), ok
+    if padding_mode == "border":
+        far = torch.where(grid == float("inf"), 2.0, -2.0).to(grid.dtype)
+    else:
+        far = torch.full_like(grid, -1.0)
+        if not align_corners:
+            far = far - 1.0 / sizes
+    return torch.where(finite, grid, far), None
+
+
+def sample3d(x, grid, mode, padding_mode, align_corners):
+    """x (N, C, D, H, W), grid (N, K, Do, Ho, Wo, 3) -> (N, K, C, Do, Ho, Wo), autograd-able.
+
+    ``mode="bilinear"`` is trilinear interpolation, as PyTorch names it for 5-D input."""
+    N, C, D, H, W = x.shape
+    K, Do, Ho, Wo = grid.shape[1:5]
+    compute = torch.float32 if (x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu") else x.dtype
+    g, ok = _sanitize3d(grid.to(compute), (D, H, W), padding_mode, align_corners)
+    xs = x.to(compute)[:, None].expand(N, K, C, D, H, W).reshape(N * K, C, D, H, W)
+    out = F.grid_sample(xs, g.reshape(N * K, Do, Ho, Wo, 3), mode=mode, padding_mode=padding_mode,
+                        align_corners=align_corners)
+    out = out.reshape(N, K, C, Do, Ho, Wo)
+    if ok is not None:
+        out = torch.where(ok[:, :, None], out, torch.zeros_like(out))
+    return out.to(x.dtype)
+
+
+def form_grid3d(form, params, size, align_corners):
+    """The (N, K, Do, Ho, Wo, 3) grid of a 3-D form from its op-level parameters."""
+    if form == "affine3d":
+        return affine_grid3d(params[0], size, align_corners)
+    if form == "basis3d":
+        return basis_grid3d(params[0], params[1], size)
+    return params[0]
+
+
+def form_sample3d(form, x, params, size, mode, padding_mode, align_corners):
+    """Reference forward of a 3-D form: x (N, C, D, H, W) -> (N, K, C, Do, Ho, Wo)."""
+    grid = form_grid3d(form, params, size, align_corners)
+    return sample3d(x, grid, mode, padding_mode, align_corners)

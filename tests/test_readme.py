@@ -66,7 +66,21 @@ def _reuse(scope):
     assert scope["model"].checkpoint_info["distortion"] == "R"
 
 
-CHECKS = {"Reuse what was learnt": _reuse, "The functions": _functions, "Transformation families": _families,
+def _volumetric(scope):
+    import torch.nn.functional as F
+
+    x, theta, grid = scope["x"], scope["theta"], scope["grid"]
+    assert scope["y"].shape == scope["z"].shape == scope["out"].shape == (2, 3, 6, 8, 10)
+    expected = F.grid_sample(x, grid, align_corners=False)
+    torch.testing.assert_close(scope["z"], expected)
+    torch.testing.assert_close(scope["y"], expected, rtol=1e-5, atol=1e-5)
+    identity = F.grid_sample(x, F.affine_grid(torch.eye(3, 4).expand(2, 3, 4), (2, 3, 6, 8, 10), align_corners=False),
+                             align_corners=False)
+    torch.testing.assert_close(scope["out"], identity, rtol=1e-5, atol=1e-5)
+
+
+CHECKS = {"Reuse what was learnt": _reuse, "The functions": _functions, "Volumetric (5-D) transformers": _volumetric,
+          "Transformation families": _families,
           "Write your own transform": _own_transform, "timm: the CUB-200-2011 part-attention model": _timm}
 SETUP = {"Reuse what was learnt": _saved_digits_model}
 

@@ -20,6 +20,10 @@ class KernelForm:
 
     kind: "affine" (m (N, 2, 3)), "projective" (m (N, 3, 3)), "basis" (m (N, 2, D) and
     basis (D, Ho*Wo)) or "grid" (m is the grid (N, Ho, Wo, 2)).
+
+    A 3-D family (``ndim = 3``, for 5-D input) uses the same kinds one dimension up: "affine"
+    (m (N, 3, 4)), "basis" (m (N, 3, D) and basis (D, Do*Ho*Wo)) or "grid" (m (N, Do, Ho, Wo, 3));
+    there is no 3-D "projective".
     """
 
     kind: str
@@ -34,22 +38,31 @@ class KernelForm:
 
 
 def base_grid(size, align_corners, dtype=torch.float32, device=None):
-    """The regular output grid in homogeneous coordinates, (3, Ho*Wo) rows [x, y, 1], as
-    ``F.affine_grid`` makes it (pixels row-major)."""
-    Ho, Wo = size
-    if Ho * Wo == 0:  # F.affine_grid refuses empty sizes
-        return torch.empty(3, 0, dtype=dtype, device=device)
-    eye = torch.eye(2, 3, dtype=dtype, device=device)[None]
-    xy = torch.nn.functional.affine_grid(eye, (1, 1, Ho, Wo), align_corners=align_corners).reshape(-1, 2)
+    """The regular output grid in homogeneous coordinates, as ``F.affine_grid`` makes it: for
+    ``size = (Ho, Wo)``, (3, Ho*Wo) rows [x, y, 1] (pixels row-major); for ``size = (Do, Ho, Wo)``,
+    (4, Do*Ho*Wo) rows [x, y, z, 1] (voxels row-major: depth, row, column)."""
+    nd = len(size)
+    numel = 1
+    for s in size:
+        numel *= s
+    if numel == 0:  # F.affine_grid refuses empty sizes
+        return torch.empty(nd + 1, 0, dtype=dtype, device=device)
+    eye = torch.eye(nd, nd + 1, dtype=dtype, device=device)[None]
+    xy = torch.nn.functional.affine_grid(eye, (1, 1, *size), align_corners=align_corners).reshape(-1, nd)
     return torch.cat([xy, torch.ones_like(xy[:, :1])], dim=1).T
 
 
 class TransformFamily(nn.Module):
     """Base class of every family. Subclasses set ``name`` and implement ``num_params``,
     ``identity`` and either ``grid`` (then the explicit-grid kernel serves them) or ``kernel_form``
-    (then ``grid`` follows from it)."""
+    (then ``grid`` follows from it).
+
+    ``ndim``: 2 for a family of 2-D transforms (4-D input (N, C, H, W), ``size = (Ho, Wo)``, grids
+    (N, Ho, Wo, 2)), 3 for volumetric ones (5-D input (N, C, D, H, W), ``size = (Do, Ho, Wo)``,
+    grids (N, Do, Ho, Wo, 3)). A family applied to an input of the other dimensionality is an error."""
 
     name: str = ""
+    ndim: int = 2
 
     @property
     def num_params(self) -> int:
@@ -72,18 +85,21 @@ class TransformFamily(nn.Module):
         return KernelForm("grid", self.grid(theta, size, align_corners))
 
     def grid(self, theta, size, align_corners=False) -> torch.Tensor:
-        """theta (N, num_params) -> normalised sampling grid (N, Ho, Wo, 2), pure PyTorch."""
+        """theta (N, num_params) -> normalised sampling grid (N, Ho, Wo, 2), pure PyTorch
+        ((N, Do, Ho, Wo, 3) for a 3-D family, ``size = (Do, Ho, Wo)``)."""
         form = self.kernel_form(theta, size, align_corners)
         N = theta.shape[0]
+        nd = len(size)
         if form.kind == "grid":
             return form.m
         if form.kind == "basis":
-            return torch.einsum("ncd,dp->npc", form.m, form.basis).reshape(N, *size, 2)
-        base = base_grid(size, align_corners, form.m.dtype, form.m.device)  # (3, P)
+            return torch.einsum("ncd,dp->npc", form.m, form.basis).reshape(N, *size, nd)
+        base = base_grid(size, align_corners, form.m.dtype, form.m.device)  # (nd + 1, P)
         out = torch.einsum("nij,jp->npi", form.m, base)
         if form.kind == "projective":
             out = out[..., :2] / out[..., 2:]
-        return out.reshape(N, *size, 2)
+        return out.reshape(N, *size, nd)
 
     def extra_repr(self):
-        return f"name={self.name!r}, num_params={self.num_params}"
+        extra = f", ndim={self.ndim}" if self.ndim != 2 else ""
+        return f"name={self.name!r}, num_params={self.num_params}{extra}"

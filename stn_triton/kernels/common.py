@@ -21,6 +21,23 @@ Non-finite coordinates: ``border`` and ``reflection`` send NaN to pixel 0 (CUDA'
 and +inf to the far border; a coordinate that is still non-finite, or beyond +-2^30, becomes -100
 (PyTorch's ``safe_downgrade_to_int_range``), so it reads nothing and writes nothing. Its derivative
 is 0.
+
+Bicubic sampling (PyTorch's ``get_value_bounded``) unnormalises without padding and pads each of its
+16 taps instead (:func:`cubic_source`, :func:`cubic_tap`):
+
+.. math::
+
+    i_x = \\lfloor i_x \\rfloor + t_x, \\qquad
+    V = \\sum_{j=0}^{3} c_j(t_y) \\sum_{i=0}^{3} c_i(t_x)\\,
+        U\\big[\\mathrm{pad}(\\lfloor i_y \\rfloor - 1 + j),\\; \\mathrm{pad}(\\lfloor i_x \\rfloor - 1 + i)\\big]
+
+with the cubic convolution coefficients (A = -0.75) of :func:`cubic_coefficients` and 0 for a tap
+outside the image (``zeros``). The coordinate's derivative is ``a_x`` times the coefficients'
+(no padding derivative: the padding acts on integer taps). Non-finite coordinates, where PyTorch's
+CUDA kernel reads the pixel below with NaN weights (NaN out): ``zeros``: as above, the coordinate
+becomes -100 and reads nothing; ``border``: NaN and -inf become pixel 0, +inf the last pixel;
+``reflection``: pixel 0, each with ``t = 0`` (weight 1 on that pixel: the pixel CUDA's taps read,
+as bilinear reads it) and derivative 0.
 """
 
 import triton
@@ -28,9 +45,11 @@ import triton.language as tl
 
 # Padding modes and sampling modes, as the kernels' constexpr codes.
 PAD_ZEROS, PAD_BORDER, PAD_REFLECTION = 0, 1, 2
-MODE_BILINEAR, MODE_NEAREST = 0, 1
+MODE_BILINEAR, MODE_NEAREST, MODE_BICUBIC = 0, 1, 2
 PADDING_CODES = {"zeros": PAD_ZEROS, "border": PAD_BORDER, "reflection": PAD_REFLECTION}
-MODE_CODES = {"bilinear": MODE_BILINEAR, "nearest": MODE_NEAREST}
+MODE_CODES = {"bilinear": MODE_BILINEAR, "nearest": MODE_NEAREST, "bicubic": MODE_BICUBIC}
+# contributions (taps) per output pixel of each mode, as log2: bilinear 4, nearest 1, bicubic 16
+LOG2_TAPS = {"bilinear": 2, "nearest": 0, "bicubic": 4}
 
 
 @triton.jit
@@ -76,15 +95,15 @@ def reflect_with_grad(i, size, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def source_index(g, size, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr):
-    """Normalised coordinate ``g`` -> input pixel coordinate and ``d index / d g`` (fp32).
+def unnormalize(g, size, ALIGN: tl.constexpr, FMA: tl.constexpr):
+    """Normalised coordinate ``g`` -> unpadded pixel coordinate, and its scale ``a = d i / d g``.
 
-    Operation for operation PyTorch's ``grid_sampler_compute_source_index`` as its CUDA kernel
-    computes it: ``((g + 1) / 2) * (size - 1)`` with align_corners, ``((g + 1) * size - 1) / 2``
-    without, where nvcc fuses ``(g + 1) * size - 1`` into one correctly rounded multiply-add. A
-    rearranged ``a * g + b`` rounds differently, and at a pixel centre that picks the other pair of
-    neighbours. ``FMA``: compiled, ``tl.fma``; Triton's interpreter rounds its fma twice, so there
-    the multiply-add is done in float64 and rounded once."""
+    Operation for operation PyTorch's ``grid_sampler_unnormalize`` as its CUDA kernel computes it:
+    ``((g + 1) / 2) * (size - 1)`` with align_corners, ``((g + 1) * size - 1) / 2`` without, where
+    nvcc fuses ``(g + 1) * size - 1`` into one correctly rounded multiply-add. A rearranged
+    ``a * g + b`` rounds differently, and at a pixel centre that picks the other pair of neighbours.
+    ``FMA``: compiled, ``tl.fma``; Triton's interpreter rounds its fma twice, so there the
+    multiply-add is done in float64 and rounded once."""
     if ALIGN:
         a = (size - 1) * 0.5
         i = ((g + 1.0) * 0.5) * (size - 1.0)
@@ -94,6 +113,15 @@ def source_index(g, size, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.conste
             i = tl.fma(g + 1.0, size * 1.0, -1.0) * 0.5
         else:
             i = ((g + 1.0).to(tl.float64) * size - 1.0).to(tl.float32) * 0.5
+    return i, a
+
+
+@triton.jit
+def source_index(g, size, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr):
+    """Normalised coordinate ``g`` -> input pixel coordinate and ``d index / d g`` (fp32).
+
+    PyTorch's ``grid_sampler_compute_source_index``: :func:`unnormalize`, then the padding."""
+    i, a = unnormalize(g, size, ALIGN, FMA)
     if PAD == 1:
         i, d = clip_with_grad(i, size)
     elif PAD == 2:
@@ -104,6 +132,80 @@ def source_index(g, size, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.conste
     i = tl.where(valid, i, -100.0)
     d = tl.where(valid, d * a, 0.0)
     return i, d
+
+
+@triton.jit
+def cubic_source(g, size, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr):
+    """Bicubic: normalised coordinate ``g`` -> unpadded pixel coordinate and ``d i / d g`` (fp32).
+
+    No padding here (each tap is padded, :func:`cubic_tap`). Non-finite coordinates (see the module
+    doc): ``zeros`` sends them, and those beyond +-2^30, to -100, where every tap lies outside;
+    ``border`` sends NaN and -inf to pixel 0 and +inf to the last pixel; ``reflection`` sends them
+    to pixel 0. Either way their derivative is 0."""
+    i, a = unnormalize(g, size, ALIGN, FMA)
+    if PAD == 0:
+        valid = (i == i) & (tl.abs(i) < 1073741824.0)
+        i = tl.where(valid, i, -100.0)
+    else:
+        valid = tl.abs(i) <= 3.4028234663852886e38  # finite (false for NaN and +-inf)
+        if PAD == 1:
+            i = tl.where(valid, i, tl.where(i > 0.0, size - 1.0, 0.0))
+        else:
+            i = tl.where(valid, i, 0.0)
+    d = tl.where(valid, a * 1.0, 0.0)
+    return i, d
+
+
+@triton.jit
+def cubic_tap(f, size, PAD: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
+    """One bicubic tap (PyTorch's ``get_value_bounded`` / ``add_value_bounded``): its float
+    coordinate ``f`` (an integer: floor + offset) padded as the mode says, as an integer clamped
+    into ``[0, size - 1]`` (a safe address), and whether the tap lies inside the image (only
+    ``zeros`` padding has taps outside; they read 0 and receive nothing)."""
+    if PAD == 1:
+        f, _ = clip_with_grad(f, size)
+    elif PAD == 2:
+        f, _ = reflect_with_grad(f, size, ALIGN)
+    q = f.to(tl.int64) if INT64 else f.to(tl.int32)  # |f| < 2^30 + 3 (zeros) or in [0, size-1]
+    inside = (q >= 0) & (q < size)
+    q = tl.minimum(tl.maximum(q, 0), size - 1)
+    return q, inside
+
+
+@triton.jit
+def cubic_coefficients(t):
+    """The four cubic convolution weights at fraction ``t`` (PyTorch's
+    ``get_cubic_upsample_coefficients``, A = -0.75), for the taps at offsets -1, 0, 1, 2:
+
+    .. math::
+
+        c_0 = k_2(t + 1),\\; c_1 = k_1(t),\\; c_2 = k_1(1 - t),\\; c_3 = k_2(2 - t), \\qquad
+        k_1(x) = ((A + 2) x - (A + 3)) x^2 + 1, \\; k_2(x) = ((A x - 5A) x + 8A) x - 4A
+    """
+    # A = -0.75: A + 2 = 1.25, A + 3 = 2.25, 5A = -3.75, 8A = -6, 4A = -3 (all exact)
+    x0 = t + 1.0
+    x2 = 1.0 - t
+    x3 = x2 + 1.0
+    c0 = ((-0.75 * x0 + 3.75) * x0 - 6.0) * x0 + 3.0
+    c1 = (1.25 * t - 2.25) * t * t + 1.0
+    c2 = (1.25 * x2 - 2.25) * x2 * x2 + 1.0
+    c3 = ((-0.75 * x3 + 3.75) * x3 - 6.0) * x3 + 3.0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def cubic_coefficients_grad(t):
+    """``d c_i / d t`` of :func:`cubic_coefficients` (PyTorch's ``get_cubic_coefficients_grad``, whose
+    sign is the opposite: it returns ``d c_i / d x`` of the taps' distance)."""
+    # k_1'(x) = 3(A + 2) x^2 - 2(A + 3) x = (3.75 x - 4.5) x; k_2'(x) = (3A x - 10A) x + 8A = (-2.25 x + 7.5) x - 6
+    x0 = t + 1.0
+    x2 = 1.0 - t
+    x3 = x2 + 1.0
+    d0 = (-2.25 * x0 + 7.5) * x0 - 6.0
+    d1 = (3.75 * t - 4.5) * t
+    d2 = -((3.75 * x2 - 4.5) * x2)
+    d3 = -((-2.25 * x3 + 7.5) * x3 - 6.0)
+    return d0, d1, d2, d3
 
 
 @triton.jit

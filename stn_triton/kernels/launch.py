@@ -8,7 +8,9 @@ Launch shapes (:func:`plan`), chosen per case from the compile-only model (``stn
   program (4 per thread) when there are at most 4 channels and 128 otherwise, the backward 256, with
   several row tiles per program when there are few channels (:func:`tiles_per_program`);
 - channels-last inputs: one 16-byte vector of channels per step (4 float32 or 8 half), one pixel per
-  thread, 128 pixels per program.
+  thread, 128 pixels per program;
+- bicubic sampling (16 taps per pixel, their offsets and weights kept in registers), planar too: one
+  pixel per thread, 128 pixels per program, forward and backward.
 
 Tiles are ``TILE_H x TILE_W`` pixels with ``TILE_W`` the power of two (<= 64) that wastes fewest
 pixels on the output's edges. On CUDA the pixels per program and warps per program are autotuned
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .basis import basis_grad_kernel
-from .common import MODE_CODES, PADDING_CODES
+from .common import LOG2_TAPS, MODE_CODES, PADDING_CODES
 from .sampler import FORM_CODES, corner_index_kernel, gather_grad_input_kernel, sample_bwd_kernel, sample_fwd_kernel
 
 INT32_LIMIT = 2**31
@@ -172,11 +174,14 @@ def _tile_width(Ho, Wo, block_p, max_w=64):
     return best[1].bit_length() - 1
 
 
-def plan(x, Ho, Wo, backward=False):
+def plan(x, Ho, Wo, backward=False, mode="bilinear"):
     """The default launch shape for sampling ``x`` (N, C, H, W) to Ho x Wo (see the module doc)."""
     C = x.shape[1]
     if C > 1 and x.stride(1) == 1:  # channels innermost: a 16-byte vector of channels per thread
         block_c = min(triton.next_power_of_2(C), max(1, VECTOR_BYTES // x.element_size()))
+        block_p = 128
+    elif mode == "bicubic":  # 16 taps per pixel: one pixel per thread keeps their addresses in registers
+        block_c = 1
         block_p = 128
     else:
         block_c = 1
@@ -309,7 +314,7 @@ def sample_forward(form, x, prm, aux, K, Ho, Wo, D, mode, padding_mode, align_co
     if out.numel() == 0:
         return out
     _check_k(K)
-    p = plan(x, Ho, Wo)
+    p = plan(x, Ho, Wo, mode=mode)
     R = prm.shape[1] if prm.dim() == 2 else 0
     consts = dict(FORM=FORM_CODES[form], MODE=MODE_CODES[mode], PAD=PADDING_CODES[padding_mode],
                   ALIGN=bool(align_corners), FMA=_true_fma(x.device), INT64=_int64(x, out, aux if form == "grid" else None),
@@ -358,7 +363,7 @@ def half_accumulation(x, K, Ho, Wo, mode, p):
     # integer arguments divisible by 16), i.e. C % 16 == 0 for a channels-last gradient.
     if x.stride(1) != 1 or C % 16 != 0:
         return False
-    per_pixel = (4 if mode == "bilinear" else 1) * K * Ho * Wo / max(H * W, 1)
+    per_pixel = (1 << LOG2_TAPS[mode]) * K * Ho * Wo / max(H * W, 1)  # 4 bilinear, 1 nearest, 16 bicubic taps
     if per_pixel > HALF_ACCUMULATE_MAX_CONTRIBUTIONS:
         return False
     if x.device.type == "cpu":  # Triton's interpreter
@@ -392,9 +397,8 @@ def sample_backward(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_
         return (torch.zeros_like(x) if need_x else None,
                 torch.zeros((NK, R), dtype=torch.float32, device=dev) if need_param else None,
                 torch.zeros((NK, P, 2), dtype=torch.float32, device=dev) if need_gg else None)
-    bilinear = mode == "bilinear"
     deterministic = torch.are_deterministic_algorithms_enabled()
-    p = plan(x, Ho, Wo, backward=True)
+    p = plan(x, Ho, Wo, backward=True, mode=mode)
     geometry = _geometry(H, W, Ho, Wo, align_corners)
 
     grad_x = None
@@ -407,7 +411,7 @@ def sample_backward(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_
             half = half_accumulation(x, K, Ho, Wo, mode, p)
             grad_x = torch.zeros_like(x, dtype=x.dtype if half else torch.float32)
     atomics = need_x and not deterministic
-    want_g = bilinear and (need_param or need_gg)  # nearest: dL/dg = 0, still pushed through the form
+    want_g = mode != "nearest" and (need_param or need_gg)  # nearest: dL/dg = 0, still pushed through the form
     # parameter partials: one per program, laid out for the most programs any candidate shape makes
     tpp = tiles_per_program(form, p, C, K, N)
     NPROG = max(p.n_programs(bp, tpp) for bp, _ in _choices(p, dev))
@@ -449,7 +453,7 @@ def _grad_input_deterministic(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode
                               geometry):
     N, C, H, W = x.shape
     P, HW = Ho * Wo, H * W
-    log2_nc = 2 if mode == "bilinear" else 0
+    log2_nc = LOG2_TAPS[mode]
     E = (K * P) << log2_nc
     grad_x = _empty_like(x)
     if grad_x.numel() == 0:
@@ -461,7 +465,7 @@ def _grad_input_deterministic(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode
     idx = _empty((N, E), itype, x.device)
     wt = _empty((N, E), torch.float32, x.device)
     goff = _empty((N, K * P), itype, x.device)
-    p = plan(x, Ho, Wo)
+    p = plan(x, Ho, Wo, mode=mode)
     consts = dict(FORM=FORM_CODES[form], MODE=MODE_CODES[mode], PAD=PADDING_CODES[padding_mode],
                   ALIGN=bool(align_corners), FMA=_true_fma(x.device), INT64=int64, LOG2_NC=log2_nc, LOG2_TW=p.log2_tw, LOG2_CT=p.log2_ct,
                   BLOCK_P=p.block_p)
@@ -509,7 +513,8 @@ def basis_grad(prm, gg, D, P):
 
 def static_hints(name, args, grid):
     """What the launcher knows and the compiled code does not: how many programs have pixels (the
-    others return at once) and the expected trips of data-dependent loops."""
+    others return at once) and the expected trips of data-dependent loops. The volume kernels'
+    (:mod:`.launch_volume`) are answered by :func:`.launch_volume.static_hints3d`."""
     if name in ("sample_fwd_kernel", "sample_bwd_kernel", "corner_index_kernel"):
         tw = 1 << args["LOG2_TW"]
         n_ctiles = triton.cdiv(args["Wo"], tw)
@@ -523,4 +528,6 @@ def static_hints(name, args, grid):
         # contributions per input pixel on average: E / (H * W); the loop runs to the block's maximum
         mean = args["E"] / max(args["H"] * args["W"], 1)
         return {"trips": {"0, n_max": math.ceil(mean)}}
-    return {}
+    from .launch_volume import static_hints3d  # imported here: launch_volume imports this module
+
+    return static_hints3d(name, args, grid)

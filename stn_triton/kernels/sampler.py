@@ -22,6 +22,17 @@ Backward, with :math:`\\bar V` the incoming gradient:
 form's module). In the code, ``gg_x, gg_y`` are :math:`\\bar g`, ``tx, ty`` are
 :math:`i - \\lfloor i \\rfloor`, ``sx, sy`` are :math:`1 - t`.
 
+Bicubic (``MODE == 2``, PyTorch's cubic convolution, :mod:`stn_triton.kernels.common`): 4 x 4 taps
+whose integer coordinates are padded one by one, weights :math:`c_j(t_y) c_i(t_x)` computed once per
+pixel (``cx*``, ``cy*``; their derivatives ``ex*``, ``ey*``), then for each step of channels a loop
+over the four rows of taps (a loop, so that one row's loads are in flight at a time rather than all
+16: fewer registers). The backward scatters 16 contributions per pixel and
+
+.. math::
+
+    \\bar g_{x,p} = a_x \\sum_c \\bar V_{c,p} \\sum_{j} c_j(t_y) \\sum_i c_i'(t_x)\\, U_{c,j,i}, \\qquad
+    \\bar g_{y,p} = a_y \\sum_c \\bar V_{c,p} \\sum_{j} c_j'(t_y) \\sum_i c_i(t_x)\\, U_{c,j,i}
+
 Launch shape (every kernel here): a 3-D grid ``(pixel tile, k, n)``. A pixel tile is
 ``TILE_H x TILE_W`` output pixels, ``TILE_W = 2**LOG2_TW``, so a pixel's row and column are a shift
 and a mask of its lane, never a division. Column tiles are numbered up to the power of two
@@ -33,7 +44,8 @@ The input gradient is a scatter: relaxed atomics (no fences) into either a float
 channels-last half-precision inputs with few contributions per pixel, the gradient itself with
 16-byte vector atomics (the launcher decides: :mod:`stn_triton.kernels.launch`). Under
 ``torch.use_deterministic_algorithms(True)`` it is a gather instead: :func:`corner_index_kernel` lists
-each (pixel, corner) contribution's target input pixel and weight, the host sorts them by target with
+each (pixel, corner) contribution's target input pixel and weight (4 corners bilinear, 1 nearest, 16
+taps bicubic), the host sorts them by target with
 a stable sort, and :func:`gather_grad_input_kernel` sums each input pixel's contributions in that
 fixed order.
 """
@@ -43,7 +55,8 @@ import triton.language as tl
 
 from .affine import affine_coords, affine_param_terms
 from .basis import basis_coords, basis_param_grad
-from .common import bilinear_corners, round_half_even, source_index, store_sums
+from .common import (bilinear_corners, cubic_coefficients, cubic_coefficients_grad, cubic_source, cubic_tap,
+                     round_half_even, source_index, store_sums)
 from .grid import grid_coords
 from .projective import projective_coords, projective_param_terms
 
@@ -148,6 +161,106 @@ def _scatter_add(ptr, v, m, mask_c, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr)
 
 
 @triton.jit
+def _cubic_axis(i, size, PAD: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
+    """One axis of each pixel's 4 x 4 bicubic taps ([BP] each): the four taps' integer coordinates
+    (padded, clamped into the image), whether each lies inside, and the fraction ``t``."""
+    f = tl.floor(i)
+    t = i - f
+    q0, m0 = cubic_tap(f - 1.0, size, PAD, ALIGN, INT64)
+    q1, m1 = cubic_tap(f, size, PAD, ALIGN, INT64)
+    q2, m2 = cubic_tap(f + 1.0, size, PAD, ALIGN, INT64)
+    q3, m3 = cubic_tap(f + 2.0, size, PAD, ALIGN, INT64)
+    return q0, q1, q2, q3, m0, m1, m2, m3, t
+
+
+@triton.jit
+def _offsets4(q0, q1, q2, q3, s):
+    """Four taps' coordinates times the stride ``s``, as [BP, 1] blocks."""
+    return (q0 * s)[:, None], (q1 * s)[:, None], (q2 * s)[:, None], (q3 * s)[:, None]
+
+
+@triton.jit
+def _cubic_row(p, o_y, m_y, ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, mask_c):
+    """U at one row of four taps, [BP, BC] float32 each (0 outside the image). ``p``: [1, BC] pointers
+    (image n, the step's channels); ``o_y``, ``m_y``: the row's offset and mask; ``ox*``, ``mx*``: the
+    columns'."""
+    m = m_y & mask_c
+    v0 = tl.load(p + o_y + ox0, mask=m & mx0, other=0.0).to(tl.float32)
+    v1 = tl.load(p + o_y + ox1, mask=m & mx1, other=0.0).to(tl.float32)
+    v2 = tl.load(p + o_y + ox2, mask=m & mx2, other=0.0).to(tl.float32)
+    v3 = tl.load(p + o_y + ox3, mask=m & mx3, other=0.0).to(tl.float32)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _cubic_scatter_row(p, w_y, m_y, ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, mask_c,
+                       EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``dL/dU += w_y * c_i`` at one row of four taps (``p``: [BP, BC] pointers at the row;
+    ``w_y``: dL/dV times the row's coefficient)."""
+    _scatter_add(p + ox0, w_y * cx0, m_y & mx0, mask_c, EVEN_C, BLOCK_C)
+    _scatter_add(p + ox1, w_y * cx1, m_y & mx1, mask_c, EVEN_C, BLOCK_C)
+    _scatter_add(p + ox2, w_y * cx2, m_y & mx2, mask_c, EVEN_C, BLOCK_C)
+    _scatter_add(p + ox3, w_y * cx3, m_y & mx3, mask_c, EVEN_C, BLOCK_C)
+
+
+@triton.jit
+def _pick4(r, v0, v1, v2, v3):
+    """``v_r`` for a loop index ``r`` in 0..3."""
+    return tl.where(r == 0, v0, tl.where(r == 1, v1, tl.where(r == 2, v2, v3)))
+
+
+@triton.jit
+def _cubic_fwd_row(r, v, p_x, oy0, oy1, oy2, oy3, my0, my1, my2, my3, cy0, cy1, cy2, cy3,
+                   ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, mask_c):
+    """``v`` plus row ``r`` of the taps interpolated along x, times its weight: ``c_r sum_i c_i U_ri``
+    ([BP, BC]; ``p_x``: [1, BC] pointers to the step's channels of image n). (The loop over ``r`` in
+    the kernel holds nothing but this call, so that the compile-only report, which names a SASS
+    loop by the ``for`` most of its instructions come from, names the channel loop when the
+    compiler unrolls this one.)"""
+    v0, v1, v2, v3 = _cubic_row(p_x, _pick4(r, oy0, oy1, oy2, oy3), _pick4(r, my0, my1, my2, my3),
+                                ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, mask_c)
+    return v + _pick4(r, cy0, cy1, cy2, cy3) * (cx0 * v0 + cx1 * v1 + cx2 * v2 + cx3 * v3)
+
+
+@triton.jit
+def _cubic_bwd_row(r, p_gx, p_x, go, dy0, dy1, dy2, dy3, oy0, oy1, oy2, oy3, my0, my1, my2, my3,
+                   cy0, cy1, cy2, cy3, ey0, ey1, ey2, ey3, dx0, dx1, dx2, dx3, ox0, ox1, ox2, ox3,
+                   mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, ex0, ex1, ex2, ex3, mask_c, h_x, h_y,
+                   NEED_X: tl.constexpr, NEED_G: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The backward at row ``r`` of the four rows of taps (``p_gx``, ``p_x``: [1, BC] pointers to the
+    step's channels of image n in dL/dU and U; ``*y*``: the rows' offsets, masks, weights and the
+    weights' derivatives, ``*x*``: the columns'): dL/dU += dL/dV c_r c_i (PyTorch's
+    add_value_bounded), and the row's terms of dV/di_x (``h_x += c_r sum_i c_i' U_i``) and dV/di_y
+    (``h_y += c_r' sum_i c_i U_i``)."""
+    m_y = _pick4(r, my0, my1, my2, my3)
+    c_y = _pick4(r, cy0, cy1, cy2, cy3)
+    if NEED_X:
+        _cubic_scatter_row(p_gx + _pick4(r, dy0, dy1, dy2, dy3), go * c_y, m_y, dx0, dx1, dx2, dx3,
+                           mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, mask_c, EVEN_C, BLOCK_C)
+    if NEED_G:
+        v0, v1, v2, v3 = _cubic_row(p_x, _pick4(r, oy0, oy1, oy2, oy3), m_y, ox0, ox1, ox2, ox3,
+                                    mx0, mx1, mx2, mx3, mask_c)
+        h_x += c_y * (ex0 * v0 + ex1 * v1 + ex2 * v2 + ex3 * v3)
+        h_y += _pick4(r, ey0, ey1, ey2, ey3) * (cx0 * v0 + cx1 * v1 + cx2 * v2 + cx3 * v3)
+    return h_x, h_y
+
+
+@triton.jit
+def _cubic_index_row(p_idx, p_wt, q_y, m_y, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3, c_y, cx0, cx1, cx2, cx3,
+                     none, mask_p):
+    """The deterministic backward's entries of one row of four taps: target pixel (``none`` outside the
+    image) and weight. ``q_y``: the row's ``y * W``."""
+    tl.store(p_idx + 0, tl.where(m_y & mx0, q_y + qx0, none), mask=mask_p)
+    tl.store(p_idx + 1, tl.where(m_y & mx1, q_y + qx1, none), mask=mask_p)
+    tl.store(p_idx + 2, tl.where(m_y & mx2, q_y + qx2, none), mask=mask_p)
+    tl.store(p_idx + 3, tl.where(m_y & mx3, q_y + qx3, none), mask=mask_p)
+    tl.store(p_wt + 0, c_y * cx0, mask=mask_p)
+    tl.store(p_wt + 1, c_y * cx1, mask=mask_p)
+    tl.store(p_wt + 2, c_y * cx2, mask=mask_p)
+    tl.store(p_wt + 3, c_y * cx3, mask=mask_p)
+
+
+@triton.jit
 def sample_fwd_kernel(
     p_x,    # input U [N, C, H, W], strides s_xn, s_xc, s_xh, s_xw (any layout)
     p_out,  # output V [N, K, C, Ho, Wo], strides s_on, s_ok, s_oc, s_oh, s_ow
@@ -173,8 +286,12 @@ def sample_fwd_kernel(
     nk = n * K + k
     gx, gy, x, y, w = _form_coords(FORM, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, i, j, mask_p,
                                    Wo, P, D, s_ah, s_aw, s_ac, bsx, box, bsy, boy)
-    ix, _ = source_index(gx, W, PAD, ALIGN, FMA)
-    iy, _ = source_index(gy, H, PAD, ALIGN, FMA)
+    if MODE == 2:  # bicubic pads each tap, not the coordinate
+        ix, _ = cubic_source(gx, W, PAD, ALIGN, FMA)
+        iy, _ = cubic_source(gy, H, PAD, ALIGN, FMA)
+    else:
+        ix, _ = source_index(gx, W, PAD, ALIGN, FMA)
+        iy, _ = source_index(gy, H, PAD, ALIGN, FMA)
 
     p_xn = p_x + n * s_xn
     p_on = p_out + n * s_on + k * s_ok
@@ -183,10 +300,21 @@ def sample_fwd_kernel(
     if MODE == 0:
         x0, y0, tx, ty, sx, sy, o_nw, m_nw, m_ne, m_sw, m_se, w_nw, w_ne, w_sw, w_se = _corners(
             ix, iy, W, H, mask_p, s_xh, s_xw, INT64)
-    else:
+    elif MODE == 1:
         xr, yr, inside = _nearest(ix, iy, W, H, INT64)
         o_nn = (yr * s_xh + xr * s_xw)[:, None]
         m_nn = (mask_p & inside)[:, None]
+    else:
+        # the 4 x 4 taps as [BP, 1] blocks: column offsets/masks/weights, row offsets/masks/weights
+        qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3, tx = _cubic_axis(ix, W, PAD, ALIGN, INT64)
+        qy0, qy1, qy2, qy3, my0, my1, my2, my3, ty = _cubic_axis(iy, H, PAD, ALIGN, INT64)
+        cx0, cx1, cx2, cx3 = cubic_coefficients(tx[:, None])
+        cy0, cy1, cy2, cy3 = cubic_coefficients(ty[:, None])
+        ox0, ox1, ox2, ox3 = _offsets4(qx0, qx1, qx2, qx3, s_xw)
+        oy0, oy1, oy2, oy3 = _offsets4(qy0, qy1, qy2, qy3, s_xh)
+        mx0, mx1, mx2, mx3 = mx0[:, None], mx1[:, None], mx2[:, None], mx3[:, None]
+        my0, my1 = (mask_p & my0)[:, None], (mask_p & my1)[:, None]
+        my2, my3 = (mask_p & my2)[:, None], (mask_p & my3)[:, None]
 
     offs_c = tl.arange(0, BLOCK_C)[None, :]  # [1, BC]
     for c0 in range(0, C, BLOCK_C):
@@ -198,8 +326,13 @@ def sample_fwd_kernel(
         if MODE == 0:
             v_nw, v_ne, v_sw, v_se = _load_corners(p_xn, o_nw, o_c, s_xh, s_xw, m_nw, m_ne, m_sw, m_se, mask_c)
             v = w_nw * v_nw + w_ne * v_ne + w_sw * v_sw + w_se * v_se
-        else:
+        elif MODE == 1:
             v = tl.load(p_xn + o_nn + o_c, mask=m_nn & mask_c, other=0.0).to(tl.float32)
+        else:  # a row of taps at a time, interpolated along x, then the rows along y
+            v = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+            for r in range(0, 4):  # a loop: one row's 4 loads in flight at a time (see the module doc)
+                v = _cubic_fwd_row(r, v, p_xn + o_c, oy0, oy1, oy2, oy3, my0, my1, my2, my3, cy0, cy1, cy2, cy3,
+                                   ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, mask_c)
         tl.store(p_on + o_out + (c0 + offs_c) * s_oc, v.to(p_out.dtype.element_ty), mask=m_out & mask_c)
 
 
@@ -228,7 +361,7 @@ def sample_bwd_kernel(
     TPP: tl.constexpr,  # tiles per program (a column of TPP row tiles; 1 for the basis form): the
                         # parameter gradient is reduced across the program once, not once per tile
 ):
-    # NEED_G: the coordinate gradient is wanted (bilinear only: nearest is piecewise constant)
+    # NEED_G: the coordinate gradient is wanted (bilinear and bicubic: nearest is piecewise constant)
     tl.static_assert(TPP == 1 or FORM != 2, "the basis form reduces per tile")
     n, k, grp, tile_c, i0, j, _ = _tile(Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P)
     if tile_c * (1 << LOG2_TW) >= Wo:
@@ -259,11 +392,31 @@ def sample_bwd_kernel(
         mask_p = (i < Ho) & (j < Wo)
         gx, gy, x, y, w = _form_coords(FORM, p_prm_nk, p_aux, p_aux_nk, i, j, mask_p,
                                        Wo, P, D, s_ah, s_aw, s_ac, bsx, box, bsy, boy)
-        ix, dix = source_index(gx, W, PAD, ALIGN, FMA)
-        iy, diy = source_index(gy, H, PAD, ALIGN, FMA)
+        if MODE == 2:
+            ix, dix = cubic_source(gx, W, PAD, ALIGN, FMA)
+            iy, diy = cubic_source(gy, H, PAD, ALIGN, FMA)
+        else:
+            ix, dix = source_index(gx, W, PAD, ALIGN, FMA)
+            iy, diy = source_index(gy, H, PAD, ALIGN, FMA)
         o_go = (i * s_gh + j * s_gw)[:, None]  # [BP, 1]
         m_go = mask_p[:, None]
-        if MODE == 0:
+        if MODE == 2:
+            qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3, tx = _cubic_axis(ix, W, PAD, ALIGN, INT64)
+            qy0, qy1, qy2, qy3, my0, my1, my2, my3, ty = _cubic_axis(iy, H, PAD, ALIGN, INT64)
+            cx0, cx1, cx2, cx3 = cubic_coefficients(tx[:, None])
+            cy0, cy1, cy2, cy3 = cubic_coefficients(ty[:, None])
+            mx0, mx1, mx2, mx3 = mx0[:, None], mx1[:, None], mx2[:, None], mx3[:, None]
+            my0, my1 = (mask_p & my0)[:, None], (mask_p & my1)[:, None]
+            my2, my3 = (mask_p & my2)[:, None], (mask_p & my3)[:, None]
+            # the scatter's targets (the gradient's strides; unused without NEED_X), the taps to read (U's
+            # strides) and the weights' derivatives (unused without NEED_G)
+            dx0, dx1, dx2, dx3 = _offsets4(qx0, qx1, qx2, qx3, s_dw)
+            dy0, dy1, dy2, dy3 = _offsets4(qy0, qy1, qy2, qy3, s_dh)
+            ox0, ox1, ox2, ox3 = _offsets4(qx0, qx1, qx2, qx3, s_xw)
+            oy0, oy1, oy2, oy3 = _offsets4(qy0, qy1, qy2, qy3, s_xh)
+            ex0, ex1, ex2, ex3 = cubic_coefficients_grad(tx[:, None])
+            ey0, ey1, ey2, ey3 = cubic_coefficients_grad(ty[:, None])
+        elif MODE == 0:
             x0, y0, tx, ty, sx, sy, o_nw, m_nw, m_ne, m_sw, m_se, w_nw, w_ne, w_sw, w_se = _corners(
                 ix, iy, W, H, mask_p, s_xh, s_xw, INT64)
             # the scatter's targets, clamped into the image (see _scatter_add)
@@ -296,9 +449,24 @@ def sample_bwd_kernel(
                         _scatter_add(p_gxc + d_ne, go * w_ne, m_ne, mask_c, EVEN_C, BLOCK_C)
                         _scatter_add(p_gxc + d_sw, go * w_sw, m_sw, mask_c, EVEN_C, BLOCK_C)
                         _scatter_add(p_gxc + d_se, go * w_se, m_se, mask_c, EVEN_C, BLOCK_C)
-                    else:
+                    elif MODE == 1:
                         _scatter_add(p_gxc + d_nn, go, m_nn, mask_c, EVEN_C, BLOCK_C)
-                if NEED_G:
+                if MODE == 2:
+                    # row by row (each row's scatter, then its loads: 4 taps' values live at a time)
+                    p_gxc = p_gxn + (c0 + offs_c) * s_dc  # [1, BC] (a stand-in when NEED_X is off)
+                    p_c = p_xn + (c0 + offs_c) * s_xc
+                    h_x = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+                    h_y = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+                    for r in range(0, 4):  # a loop: one row's taps at a time (see the module doc)
+                        h_x, h_y = _cubic_bwd_row(r, p_gxc, p_c, go, dy0, dy1, dy2, dy3, oy0, oy1, oy2, oy3,
+                                                  my0, my1, my2, my3, cy0, cy1, cy2, cy3, ey0, ey1, ey2, ey3,
+                                                  dx0, dx1, dx2, dx3, ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3,
+                                                  cx0, cx1, cx2, cx3, ex0, ex1, ex2, ex3, mask_c, h_x, h_y,
+                                                  NEED_X, NEED_G, EVEN_C, BLOCK_C)
+                    if NEED_G:
+                        g_ix += tl.sum(go * h_x, axis=1)
+                        g_iy += tl.sum(go * h_y, axis=1)
+                elif NEED_G:
                     v_nw, v_ne, v_sw, v_se = _load_corners(p_xn, o_nw, (c0 + offs_c) * s_xc, s_xh, s_xw,
                                                            m_nw, m_ne, m_sw, m_se, mask_c)
                     g_ix += tl.sum(go * (sy[:, None] * (v_ne - v_nw) + ty[:, None] * (v_se - v_sw)), axis=1)
@@ -329,7 +497,7 @@ def sample_bwd_kernel(
 @triton.jit
 def corner_index_kernel(
     p_idx,  # out: int32 or int64 [N, K*Ho*Wo*NCORNER] target input pixel (y * W + x), H*W where none
-    p_wt,   # out: float32 [N, K*Ho*Wo*NCORNER] bilinear weight of that contribution
+    p_wt,   # out: float32 [N, K*Ho*Wo*NCORNER] weight of that contribution
     p_goff, # out: int32 or int64 [N, K*Ho*Wo] offset of the pixel's dL/dV within image n (channel 0)
     p_prm, p_aux,
     s_gk, s_gh, s_gw,  # strides of dL/dV [N, K, C, Ho, Wo] (k, row, column)
@@ -338,7 +506,7 @@ def corner_index_kernel(
     bsx, box, bsy, boy,
     FORM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr,
     INT64: tl.constexpr,
-    LOG2_NC: tl.constexpr,  # contributions per pixel: 4 (bilinear) = 1 << 2, or 1 (nearest)
+    LOG2_NC: tl.constexpr,  # log2 of the contributions per pixel: 2 (bilinear), 0 (nearest), 4 (bicubic)
     LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     n, k, tile_r, tile_c, i, j, mask_p = _tile(Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P)
@@ -348,8 +516,12 @@ def corner_index_kernel(
     nk = n * K + k
     gx, gy, x, y, w = _form_coords(FORM, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, i, j, mask_p,
                                    Wo, P, D, s_ah, s_aw, s_ac, bsx, box, bsy, boy)
-    ix, _ = source_index(gx, W, PAD, ALIGN, FMA)
-    iy, _ = source_index(gy, H, PAD, ALIGN, FMA)
+    if MODE == 2:
+        ix, _ = cubic_source(gx, W, PAD, ALIGN, FMA)
+        iy, _ = cubic_source(gy, H, PAD, ALIGN, FMA)
+    else:
+        ix, _ = source_index(gx, W, PAD, ALIGN, FMA)
+        iy, _ = source_index(gy, H, PAD, ALIGN, FMA)
     none = H * W
     o_pix = n * K * P + k * P + i * Wo + j  # [BP] this pixel's entry in p_goff
     o_e = o_pix << LOG2_NC  # entry of corner 0
@@ -365,10 +537,23 @@ def corner_index_kernel(
         tl.store(p_wt + o_e + 1, tx * sy, mask=mask_p)
         tl.store(p_wt + o_e + 2, sx * ty, mask=mask_p)
         tl.store(p_wt + o_e + 3, tx * ty, mask=mask_p)
-    else:
+    elif MODE == 1:
         xr, yr, inside = _nearest(ix, iy, W, H, INT64)
         tl.store(p_idx + o_e, tl.where(inside, yr * W + xr, none), mask=mask_p)
         tl.store(p_wt + o_e, tl.full([BLOCK_P], 1.0, tl.float32), mask=mask_p)
+    else:  # 16 taps, entry 4 * row + column; border and reflection may send several to one pixel
+        qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3, tx = _cubic_axis(ix, W, PAD, ALIGN, INT64)
+        qy0, qy1, qy2, qy3, my0, my1, my2, my3, ty = _cubic_axis(iy, H, PAD, ALIGN, INT64)
+        cx0, cx1, cx2, cx3 = cubic_coefficients(tx)
+        cy0, cy1, cy2, cy3 = cubic_coefficients(ty)
+        _cubic_index_row(p_idx + o_e, p_wt + o_e, qy0 * W, my0, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3,
+                         cy0, cx0, cx1, cx2, cx3, none, mask_p)
+        _cubic_index_row(p_idx + o_e + 4, p_wt + o_e + 4, qy1 * W, my1, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3,
+                         cy1, cx0, cx1, cx2, cx3, none, mask_p)
+        _cubic_index_row(p_idx + o_e + 8, p_wt + o_e + 8, qy2 * W, my2, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3,
+                         cy2, cx0, cx1, cx2, cx3, none, mask_p)
+        _cubic_index_row(p_idx + o_e + 12, p_wt + o_e + 12, qy3 * W, my3, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3,
+                         cy3, cx0, cx1, cx2, cx3, none, mask_p)
 
 
 @triton.jit

@@ -236,7 +236,7 @@ BAD = [
     ("grid batch", lambda: st.grid_sample(X, torch.zeros(3, 3, 3, 2)), ValueError, r"grid: batch size 3"),
     ("size negative", lambda: st.affine_sample(X, THETA, -3), ValueError, r"size: expected a non-negative"),
     ("size triple", lambda: st.affine_sample(X, THETA, (2, 3, 4)), ValueError, r"size: expected the output size"),
-    ("mode", lambda: st.affine_sample(X, THETA, mode="bicubic"), ValueError, r"mode: expected one of"),
+    ("mode", lambda: st.affine_sample(X, THETA, mode="bilinearish"), ValueError, r"mode: expected one of"),
     ("padding", lambda: st.affine_sample(X, THETA, padding_mode="wrap"), ValueError, r"padding_mode: expected one of"),
     ("align_corners", lambda: st.affine_sample(X, THETA, align_corners=1), TypeError, r"align_corners: expected a bool"),
 ]

@@ -63,7 +63,8 @@ def test_plugin_found_lazily_and_listed(plugin_dist):
     """)
     assert got["before"] is False and got["after"] is True  # loaded at the first lookup, not at import
     assert got["names"] == ["similarity"]
-    assert got["all"] == ["affine", "attention", "piecewise_affine", "projective", "similarity", "tps"]
+    assert got["all"] == ["affine", "affine3d", "attention", "attention3d", "piecewise_affine", "projective",
+                          "similarity", "tps"]
 
 
 def test_plugin_family_works_end_to_end(plugin_dist, device):
@@ -167,7 +168,7 @@ def test_broken_plugins_warn_once_each_and_are_skipped(plugin_dist, broken_plugi
 def test_opt_out_variable(plugin_dist, broken_plugins):
     got = _run(LOOKUP_WITH_WARNINGS, broken_plugins, STN_TRITON_NO_PLUGINS="1")
     assert got["warnings"] == [] and got["similarity"] is False
-    assert got["names"] == ["affine", "attention", "piecewise_affine", "projective", "tps"]
+    assert got["names"] == ["affine", "affine3d", "attention", "attention3d", "piecewise_affine", "projective", "tps"]
     # any of the usual spellings of "off" keeps discovery on
     got = _run(LOOKUP_WITH_WARNINGS, None, STN_TRITON_NO_PLUGINS="0")
     assert got["similarity"] is True
