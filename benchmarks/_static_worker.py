@@ -4,8 +4,10 @@
 
 1. installs a fake Triton driver that reports ``GPUTarget("cuda", <arch>, 32)`` and launches nothing,
 2. calls this library's real launchers (``ops._kernel_forward`` / ``ops._kernel_backward``) on meta
-   tensors of each case's shapes, recording every Triton launch (kernel, grid, arguments, compiled
-   cubin) and every PyTorch operation that would launch a kernel (fills, casts, sums, sorts),
+   tensors of each case's shapes (5-D for a volumetric case: the 3-D forms ``affine3d``, ``basis3d``,
+   ``grid3d`` and their launchers in ``kernels.launch_volume``), recording every Triton launch (kernel,
+   grid, arguments, compiled cubin) and every PyTorch operation that would launch a kernel (fills,
+   casts, sums, sorts); a job marked ``skip`` (a form without a 3-D kernel) is echoed, not run,
 3. disassembles each distinct cubin with the ``nvdisasm`` / ``cuobjdump`` that ship with that Triton
    and writes what it found as JSON.
 
@@ -143,25 +145,34 @@ class RecordTorchOps(TorchDispatchMode):
 
 
 def _meta_case(job):
+    """x, the form's parameter tensors and the output size, on the meta device. A volumetric job
+    (``D`` set; forms affine3d, basis3d, grid3d): x (N, C, D, H, W), size [Do, Ho, Wo]."""
     N, C, H, W, Ho, Wo, K = (job[k] for k in ("N", "C", "H", "W", "Ho", "Wo", "K"))
     dtype = getattr(torch, job["dtype"])
     meta = torch.device("meta")
-    if job["layout"] == "channels_last":
-        x = torch.empty(N, H, W, C, dtype=dtype, device=meta).permute(0, 3, 1, 2)
+    volume = job.get("D") is not None
+    S = (job["D"], H, W) if volume else (H, W)
+    size = [job["Do"], Ho, Wo] if volume else [Ho, Wo]
+    nd = len(size)
+    if job["layout"] in ("channels_last", "channels_last_3d"):  # N[D]HWC memory, viewed as NC[D]HW
+        x = torch.empty(N, *S, C, dtype=dtype, device=meta).movedim(-1, 1)
     else:
-        x = torch.empty(N, C, H, W, dtype=dtype, device=meta)
+        x = torch.empty(N, C, *S, dtype=dtype, device=meta)
     f32 = dict(dtype=torch.float32, device=meta)
     form = job["form"]
-    if form == "affine":
-        params = [torch.empty(N, K, 2, 3, **f32)]
+    P = 1
+    for s in size:
+        P *= s
+    if form in ("affine", "affine3d"):
+        params = [torch.empty(N, K, nd, nd + 1, **f32)]
     elif form == "projective":
         params = [torch.empty(N, K, 3, 3, **f32)]
-    elif form == "basis":
-        D = job.get("D", 19)
-        params = [torch.empty(N, K, 2, D, **f32), torch.empty(D, Ho * Wo, **f32)]
+    elif form in ("basis", "basis3d"):
+        D = job.get("basis_dim", 19)
+        params = [torch.empty(N, K, nd, D, **f32), torch.empty(D, P, **f32)]
     else:
-        params = [torch.empty(N, K, Ho, Wo, 2, **f32)]
-    return x, params, [Ho, Wo]
+        params = [torch.empty(N, K, *size, nd, **f32)]
+    return x, params, size
 
 
 def run_job(job):
@@ -170,6 +181,10 @@ def run_job(job):
 
     launch = _launchers()
     x, params, size = _meta_case(job)
+    if len(size) == 3:
+        from stn_triton.kernels.launch_volume import new_output3d as new_output
+    else:
+        new_output = launch.new_output
     launch.STATIC_CHOICE = job.get("choice")  # None: the launchers' default shape
     opts = (job.get("sampling", "bilinear"), job.get("padding_mode", "zeros"), bool(job.get("align_corners", False)))
     steps = {"fwd": ["fwd"], "bwd": ["bwd"], "fwd+bwd": ["fwd", "bwd"], "bwd-det": ["bwd-det"]}[job["mode"]]
@@ -184,7 +199,7 @@ def run_job(job):
                 with RecordTorchOps():
                     ops._kernel_forward(job["form"], x, params, size, *opts)
             else:
-                grad_out = launch.new_output(x, params[0].shape[1], *size)
+                grad_out = new_output(x, params[0].shape[1], *size)
                 needs = [True, True] + [False] * (len(params) - 1)  # input and theta/h/m/grid (the basis is fixed)
                 with RecordTorchOps():
                     ops._kernel_backward(job["form"], grad_out, x, params, size, *opts, needs)
@@ -220,6 +235,9 @@ def main(argv):
     torch.set_default_device(None)
     results, kernels = [], {}
     for job in spec["jobs"]:
+        if job.get("skip"):
+            results.append({"job": job, "skipped": job["skip"]})
+            continue
         try:
             launches = run_job(job)
         except Exception as e:  # a kernel that does not compile is a finding, not a crash

@@ -15,7 +15,8 @@ import torch
 
 from stn_triton._cli import HelpFormatter, description
 from . import report, sass, static
-from .cases import CPU_DEFAULT_BATCH_SCALE, CPU_DEFAULT_CASES, DTYPES, NAMED, canonical_dtype, parse_case_spec
+from .cases import (CPU_DEFAULT_BATCH_SCALE, CPU_DEFAULT_CASES, DTYPES, NAMED, SAMPLINGS, canonical_dtype,
+                    parse_case_spec, with_samplings)
 from .providers import PROVIDERS
 from .runner import MODE_HELP, MODES, RunConfig, run
 
@@ -55,11 +56,15 @@ def parser():
                         f"{' and '.join(CPU_DEFAULT_CASES)} on the CPU; none when --case-spec is given)")
     p.add_argument("--case-spec", action="append", type=_case_spec, default=[], metavar="SPEC",
                    help="a case of your own, repeatable: N=8,C=3,H=64,W=64[,Ho=32,Wo=32,K=2,dtype=bfloat16,"
-                        "layout=channels_last,name=mine] (Ho, Wo default to H, W; dtype to each of --dtypes)")
+                        "layout=channels_last,sampling=bicubic,name=mine] (Ho, Wo default to H, W; dtype to each of "
+                        "--dtypes); D=16[,Do=8] makes a volume (N, C, D, H, W), trilinear, layout ncdhw or "
+                        "channels_last_3d (Do defaults to D)")
     p.add_argument("--providers", nargs="+", choices=list(PROVIDERS), metavar="PROVIDER", default=None,
                    help=f"of {', '.join(PROVIDERS)} (default: all; on the CPU all but compile)")
-    p.add_argument("--modes", nargs="+", choices=MODES, metavar="MODE", default=list(MODES),
-                   help=f"of {', '.join(MODES)} (default: all)")
+    p.add_argument("--modes", nargs="+", choices=MODES + SAMPLINGS, metavar="MODE", default=list(MODES),
+                   help=f"of {', '.join(MODES)} (default: all); and/or an interpolation, of {', '.join(SAMPLINGS)}, "
+                        "to sample every case that way instead of each case's own (--modes bicubic: the cases in "
+                        "bicubic, every mode)")
     p.add_argument("--dtypes", nargs="+", type=_dtype, metavar="DTYPE", default=list(DEFAULT_DTYPES),
                    help=f"for cases without their own, of {', '.join(DTYPES)} (default: {' '.join(DEFAULT_DTYPES)})")
     p.add_argument("--batch-scale", type=_positive, default=None,
@@ -110,15 +115,24 @@ def _device(text, p):
 def list_text():
     lines = ["cases (named; dtype comes from --dtypes):"]
     for c in NAMED.values():
-        shape = f"{c.N}x{c.C}x{c.H}x{c.W} -> {c.Ho}x{c.Wo}"
-        lines.append(f"  {c.name:<10} {shape:<30} K={c.K}  {c.layout:<13} {c.note}")
+        shape = c.shape.replace("->", " -> ")
+        lines.append(f"  {c.name:<15} {shape:<32} K={c.K}  {c.layout:<16} {c.note}")
     lines += ["", "providers:"]
     for p in PROVIDERS.values():
         ok, why = p.available()
         lines.append(f"  {p.name:<16} {p.description}" + ("" if ok else f"  [unavailable: {why}]"))
     lines += ["", "modes:"] + [f"  {m:<8} {MODE_HELP[m]}" for m in MODES]
+    lines += [f"  {s:<8} interpolation: every case sampled {s} (default: each case's own)" for s in SAMPLINGS]
     lines += ["", f"dtypes: {', '.join(DTYPES)} (default {', '.join(DEFAULT_DTYPES)})"]
     return "\n".join(lines)
+
+
+def split_modes(modes):
+    """``--modes`` -> (the modes to time, default all; the interpolations to sample every case with, or
+    None for each case's own)."""
+    steps = [m for m in dict.fromkeys(modes) if m in MODES] or list(MODES)
+    samplings = [m for m in dict.fromkeys(modes) if m in SAMPLINGS] or None
+    return steps, samplings
 
 
 def config(args, p):
@@ -133,13 +147,16 @@ def config(args, p):
     else:
         names = list(CPU_DEFAULT_CASES) if cpu else list(NAMED)
     cases = [NAMED[n].scaled(scale) for n in dict.fromkeys(names)] + list(args.case_spec)
+    steps, samplings = split_modes(args.modes)
+    if samplings:
+        cases = with_samplings(cases, samplings)
     seen = set()
     for c in cases:
         if c.name in seen:
             p.error(f"--case-spec: case name {c.name!r} used twice; give one a name=...")
         seen.add(c.name)
     providers = args.providers or [n for n, pr in PROVIDERS.items() if pr.cpu_default or not cpu]
-    return RunConfig(cases=cases, providers=list(dict.fromkeys(providers)), modes=list(dict.fromkeys(args.modes)),
+    return RunConfig(cases=cases, providers=list(dict.fromkeys(providers)), modes=steps,
                      dtypes=list(dict.fromkeys(args.dtypes)), device=device, warmup_ms=args.warmup, rep_ms=args.rep,
                      cuda_graphs=not args.no_cuda_graphs, progress=not args.no_progress)
 
@@ -195,6 +212,9 @@ def main_static(args, p, argv):
         names = [] if args.case_spec else list(NAMED)
     scale = args.batch_scale or 1.0
     cases = [NAMED[n].scaled(scale) for n in dict.fromkeys(names)] + list(args.case_spec)
+    steps, samplings = split_modes(args.modes)
+    if samplings:
+        cases = with_samplings(cases, samplings)
     if args.providers:
         wrong = [n for n in args.providers if n not in static.FORMS]
         if wrong:
@@ -205,7 +225,7 @@ def main_static(args, p, argv):
         forms = list(static.FORMS.values())
     try:
         meta, rows, targets = static.run(cases, list(dict.fromkeys(args.dtypes)), forms,
-                                         list(dict.fromkeys(args.modes)), arch=args.arch, version=args.triton,
+                                         steps, arch=args.arch, version=args.triton,
                                          argv=argv if argv is not None else sys.argv[1:])
     except static.StaticError as e:
         print(f"stn-bench --static: {e}", file=sys.stderr)

@@ -10,6 +10,13 @@ parameters the run draws for it (:func:`draw_params`) and the minimum bytes of a
   case and dtype, so ``torch.compile`` compiles once for all modes).
 
 Outputs are (N, C, Ho, Wo) for K = 1 and (N, K, C, Ho, Wo) otherwise, as ``st.affine_sample`` gives.
+Every provider samples with the case's interpolation (``case.sampling``, ``F.grid_sample``'s mode);
+``samplings`` lists those it has.
+
+Volumetric cases (``case.is_3d``: input (N, C, D, H, W), output (N[, K], C, Do, Ho, Wo), trilinear):
+the affine family draws theta (N[, K], 3, 4) and every affine provider has a 3-D form (eager's and
+``torch.compile``'s 5-D ``F.affine_grid`` + ``F.grid_sample``, ours fused and on an explicit grid,
+kornia's ``warp_affine3d``); a provider without one says why in ``no_3d`` and gets a skipped row.
 """
 
 import importlib.util
@@ -34,12 +41,22 @@ class Provider:
     prepare: callable = None  # (params, x, case) -> leaves; default: the family's params as they are
     requires: str = None  # a module that must be importable
     cpu_default: bool = True  # part of the default CPU run
+    samplings: tuple = ("bilinear", "nearest", "bicubic")  # the interpolations it has (case.sampling)
+    no_3d: str = None  # why it has no volumetric (5-D) form; None: it has one
     _built: dict = field(default_factory=dict, repr=False)
 
     def available(self):
         """(True, "") or (False, why)."""
         if self.requires and importlib.util.find_spec(self.requires) is None:
             return False, f"{self.requires} not installed"
+        return True, ""
+
+    def applies(self, case):
+        """(True, "") or (False, why this provider has no row for ``case``)."""
+        if case.is_3d and self.no_3d:
+            return False, self.no_3d
+        if case.sampling not in self.samplings:
+            return False, f"{self.name} has no {case.sampling} sampling"
         return True, ""
 
     def leaves(self, params, x, case):
@@ -70,13 +87,17 @@ def draw_params(family, case, device, generator):
 
     Returns [theta (N[, K], 2, 3)] (affine), [h (N[, K], 3, 3)] with a small perspective row
     (projective), or [m (N[, K], 2, D)] of a 4 x 4 thin plate spline with jittered control points
-    (basis; its basis is :func:`tps_basis`).
+    (basis; its basis is :func:`tps_basis`). A volumetric case: [theta (N[, K], 3, 4)] (affine only).
     """
     lead = _lead(case)
 
     def noise(*shape, scale):
         return scale * torch.randn(*shape, generator=generator, device=device)
 
+    if case.is_3d:
+        if family != "affine":
+            raise ValueError(f"family {family!r} has no volumetric form in the benchmarks (affine has)")
+        return [torch.eye(3, 4, device=device).expand(*lead, 3, 4) + noise(*lead, 3, 4, scale=0.1)]
     if family == "affine":
         theta = torch.eye(2, 3, device=device).expand(*lead, 2, 3) + noise(*lead, 2, 3, scale=0.1)
         return [theta]
@@ -107,18 +128,20 @@ def tps_basis(case, device):
 # --- helpers shared by the unfused providers -------------------------------------------------------
 
 def repeat_k(x, K):
-    """x (N, C, H, W) -> (N*K, C, H, W), image n repeated K times in a row, keeping x's layout.
+    """x (N, C, H, W) -> (N*K, C, H, W), image n repeated K times in a row, keeping x's layout (a
+    volume (N, C, D, H, W) likewise, channels-last-3d kept).
 
     This is what a user of ``F.grid_sample`` does to apply K transforms to one image (one copy of
     the input per transform); it is part of the unfused providers' timed work.
     """
     if K == 1:
         return x
-    N, C, H, W = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        nhwc = x.permute(0, 2, 3, 1)[:, None].expand(N, K, H, W, C).reshape(N * K, H, W, C)
-        return nhwc.permute(0, 3, 1, 2)
-    return x[:, None].expand(N, K, C, H, W).reshape(N * K, C, H, W)
+    N, C, *S = x.shape
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if x.is_contiguous(memory_format=fmt) and not x.is_contiguous():
+        last = x.movedim(1, -1)  # (N, *S, C), contiguous
+        return last[:, None].expand(N, K, *S, C).reshape(N * K, *S, C).movedim(-1, 1)
+    return x[:, None].expand(N, K, C, *S).reshape(N * K, C, *S)
 
 
 def _unflatten_k(out, case):
@@ -126,16 +149,20 @@ def _unflatten_k(out, case):
 
 
 def _theta_flat(theta, case):
-    return theta.reshape(case.N * case.K, 2, 3)
+    return theta.reshape(case.N * case.K, *theta.shape[-2:])  # (N*K, 2, 3), or (N*K, 3, 4) for a volume
+
+
+def _grid_size(case):
+    """affine_grid's size argument for the N*K flattened transforms."""
+    return (case.N * case.K, case.C, *case.out_size)
 
 
 def _eager_apply(case, align_corners):
     def apply(x, leaves):
         (theta,) = leaves  # already in x's dtype (F.grid_sample wants the grid in the input's dtype)
         xs = repeat_k(x, case.K)
-        grid = F.affine_grid(_theta_flat(theta, case), (case.N * case.K, case.C, case.Ho, case.Wo),
-                             align_corners=align_corners)
-        return _unflatten_k(F.grid_sample(xs, grid, align_corners=align_corners), case)
+        grid = F.affine_grid(_theta_flat(theta, case), _grid_size(case), align_corners=align_corners)
+        return _unflatten_k(F.grid_sample(xs, grid, mode=case.sampling, align_corners=align_corners), case)
 
     return apply
 
@@ -167,18 +194,53 @@ def theta_to_kornia(theta, in_size, out_size, align_corners=False):
     return M[:, :2, :].to(theta.dtype).reshape(theta.shape)
 
 
+def theta_to_kornia3d(theta, in_size, out_size):
+    """Normalised 3-D theta (affine_grid's, (..., 3, 4): output -> input) -> kornia's voxel matrix M
+    (..., 3, 4) (input -> output) for ``warp_affine3d(src, M, dsize, align_corners=False)``.
+
+    ``warp_affine3d`` normalises M with ``normalize_homography3d`` (always corner-aligned frames
+    N(size), whatever ``align_corners``) and samples with ``affine_grid(inverse(N_out M N_in^-1)[:3],
+    align_corners=ac)``. Asking that inverse to be T = [theta; 0 0 0 1] gives ``M = N_out^-1 T^-1
+    N_in``, kornia's own ``denormalize_homography3d(T^-1, in, out)``: the frames cancel, so the
+    sampling grid is affine_grid's of theta for either ``align_corners``. ``in_size``, ``out_size``:
+    (D, H, W) and (Do, Ho, Wo).
+    """
+    from kornia.geometry.conversions import denormalize_homography3d
+
+    flat = theta.detach().reshape(-1, 3, 4).double()
+    T = torch.cat([flat, flat.new_tensor([0.0, 0.0, 0.0, 1.0]).expand(flat.shape[0], 1, 4)], dim=1)  # (B, 4, 4)
+    M = denormalize_homography3d(torch.linalg.inv(T), tuple(in_size), tuple(out_size))
+    return M[:, :3, :].to(theta.dtype).reshape(theta.shape)
+
+
 def _kornia_prepare(params, x, case):
     # kornia wants M in the input's dtype (else grid_sample sees mixed dtypes)
+    if case.is_3d:
+        return [theta_to_kornia3d(params[0], case.in_size, case.out_size).to(x.dtype)]
     return [theta_to_kornia(params[0], (case.H, case.W), (case.Ho, case.Wo)).to(x.dtype)]
 
 
 def _kornia_apply(case, dtype, device):
+    if case.is_3d:
+        return _kornia_apply3d(case)
     from kornia.geometry.transform import warp_affine
 
     def apply(x, leaves):
         (M,) = leaves
         out = warp_affine(repeat_k(x, case.K), M.reshape(case.N * case.K, 2, 3), (case.Ho, case.Wo),
-                          align_corners=False)
+                          mode=case.sampling, align_corners=False)
+        return _unflatten_k(out, case)
+
+    return apply
+
+
+def _kornia_apply3d(case):
+    from kornia.geometry.transform import warp_affine3d
+
+    def apply(x, leaves):
+        (M,) = leaves
+        out = warp_affine3d(repeat_k(x, case.K), M.reshape(case.N * case.K, 3, 4), case.out_size,
+                            flags=case.sampling, align_corners=False)
         return _unflatten_k(out, case)
 
     return apply
@@ -195,7 +257,7 @@ def _basis_apply(case, dtype, device):
     basis = tps_basis(case, device)
 
     def apply(x, leaves):
-        return st.basis_sample(x, leaves[0], basis, (case.Ho, case.Wo))
+        return st.basis_sample(x, leaves[0], basis, (case.Ho, case.Wo), mode=case.sampling)
 
     return apply
 
@@ -203,20 +265,23 @@ def _basis_apply(case, dtype, device):
 def _grid_apply(case, dtype, device):
     def apply(x, leaves):
         (theta,) = leaves
-        grid = F.affine_grid(_theta_flat(theta, case), (case.N * case.K, case.C, case.Ho, case.Wo), align_corners=False)
-        grid = grid if case.K == 1 else grid.unflatten(0, (case.N, case.K))  # (N, K, Ho, Wo, 2): one launch
-        return st.grid_sample(x, grid)  # float32 grid, any input dtype
+        grid = F.affine_grid(_theta_flat(theta, case), _grid_size(case), align_corners=False)
+        grid = grid if case.K == 1 else grid.unflatten(0, (case.N, case.K))  # (N, K, [Do,] Ho, Wo, 2|3): one launch
+        return st.grid_sample(x, grid, mode=case.sampling, align_corners=False)  # float32 grid, any input dtype
 
     return apply
 
 
 PROVIDERS = {p.name: p for p in (
     Provider("ours-affine", "st.affine_sample: affine grid made inside the fused kernel", "affine", True,
-             lambda case, dtype, device: lambda x, leaves: st.affine_sample(x, leaves[0], (case.Ho, case.Wo))),
+             lambda case, dtype, device: lambda x, leaves: st.affine_sample(x, leaves[0], case.out_size,
+                                                                            mode=case.sampling)),
     Provider("ours-projective", "st.projective_sample: homography, fused", "projective", True,
-             lambda case, dtype, device: lambda x, leaves: st.projective_sample(x, leaves[0], (case.Ho, case.Wo))),
+             lambda case, dtype, device: lambda x, leaves: st.projective_sample(x, leaves[0], (case.Ho, case.Wo),
+                                                                                mode=case.sampling),
+             no_3d="st.projective_sample has no 3-D form"),
     Provider("ours-basis", "st.basis_sample: 4x4 thin plate spline M @ B, B read by the kernel", "basis", True,
-             _basis_apply),
+             _basis_apply, no_3d="the benchmark's basis is the 2-D thin plate spline (no 3-D basis drawn)"),
     Provider("ours-grid", "st.grid_sample on F.affine_grid's grid (grid made by PyTorch, sampled by us)",
              "affine", True, _grid_apply),
     Provider("eager", "PyTorch eager F.affine_grid + F.grid_sample, align_corners=False (the baseline)",
@@ -225,6 +290,7 @@ PROVIDERS = {p.name: p for p in (
              "affine", False, lambda case, dtype, device: _eager_apply(case, True), prepare=_theta_in_input_dtype),
     Provider("compile", "torch.compile of the eager pair (align_corners=False)", "affine", False, _compile_apply,
              prepare=_theta_in_input_dtype, cpu_default=False),
-    Provider("kornia", "kornia.geometry.transform.warp_affine, theta converted to pixel matrices", "affine", False,
-             _kornia_apply, prepare=_kornia_prepare, requires="kornia"),
+    Provider("kornia", "kornia.geometry.transform.warp_affine (volumes: warp_affine3d), theta converted to pixel "
+             "matrices", "affine", False, _kornia_apply, prepare=_kornia_prepare, requires="kornia",
+             samplings=("bilinear", "nearest")),
 )}

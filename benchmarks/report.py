@@ -22,7 +22,7 @@ import torch
 
 import stn_triton as st
 
-from .cases import NAMED
+from .cases import NAMED, shape_text
 from .providers import PROVIDERS
 from .runner import BASELINE, ROW_FIELDS
 
@@ -132,7 +132,9 @@ def _named(r, name):
     """The row is of the named case at its full size (not a --batch-scale'd copy)."""
     c = NAMED.get(name)
     return (c is not None and r["case"] == name and r["layout"] == c.layout
-            and (r["N"], r["C"], r["H"], r["W"], r["Ho"], r["Wo"], r["K"]) == (c.N, c.C, c.H, c.W, c.Ho, c.Wo, c.K))
+            and (r.get("sampling") or "bilinear") == c.sampling
+            and (r["N"], r["C"], r["H"], r["W"], r["Ho"], r["Wo"], r["K"]) == (c.N, c.C, c.H, c.W, c.Ho, c.Wo, c.K)
+            and (r.get("D"), r.get("Do")) == (c.D, c.Do))
 
 
 def check_targets(rows, on_gpu=True):
@@ -221,10 +223,10 @@ def markdown(meta, rows, targets):
     seen = {}
     for r in rows:
         seen.setdefault(r["case"], r)
-    lines += ["| case | input -> output | K | layout |", "|---|---|---|---|"]
+    lines += ["| case | input -> output | K | layout | sampling |", "|---|---|---|---|---|"]
     for name, r in seen.items():
-        shape = f"{r['N']}x{r['C']}x{r['H']}x{r['W']} -> {r['Ho']}x{r['Wo']}"
-        lines.append(f"| {name} | {shape} | {r['K']} | {r['layout']} |")
+        shape = shape_text(r).replace("->", " -> ")
+        lines.append(f"| {name} | {shape} | {r['K']} | {r['layout']} | {r.get('sampling') or 'bilinear'} |")
     lines += ["", "| case | dtype | provider | mode | median ms (p20-p80) | GB/s | % of copy | x eager | peak MiB "
               "| kernels | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,5 +1,10 @@
 """The run: cases x dtypes x providers x modes, one row each.
 
+Each case says its interpolation (``sampling``: bilinear, nearest or bicubic), which every provider
+uses (a provider without it gets a skipped row). A volumetric case (5-D input, ``D``/``Do`` set) runs
+the providers with a 3-D form; the others get skipped rows saying why, and every provider does for a
+bicubic volume (PyTorch has no bicubic for 5-D input).
+
 Modes
 -----
 ``fwd``      forward only, under ``torch.no_grad()`` (the sampling kernel alone).
@@ -42,9 +47,9 @@ BASELINE = "eager"
 ROTATE_MIN_BYTES = 100 * 2**20
 MAX_SETS = {"cuda": 256, "cpu": 4}  # input sets per row (the CPU has no L2 worth defeating)
 
-ROW_FIELDS = ("case", "provider", "mode", "dtype", "layout", "K", "N", "C", "H", "W", "Ho", "Wo",
-              "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "min_bytes", "gbps", "frac_of_copy",
-              "speedup_vs_eager", "kernels", "timer", "input_sets", "status")
+ROW_FIELDS = ("case", "provider", "mode", "dtype", "layout", "sampling", "K", "N", "C", "D", "H", "W", "Do", "Ho",
+              "Wo", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "min_bytes", "gbps", "frac_of_copy",
+              "speedup_vs_eager", "kernels", "timer", "input_sets", "status")  # D, Do: None for 2-D cases
 
 
 @dataclass
@@ -131,11 +136,11 @@ class _Set:
 
 
 def _random_input(case, dtype, device, generator, requires_grad):
-    N, C, H, W = case.N, case.C, case.H, case.W
-    if case.layout == "channels_last":  # drawn as NHWC, viewed as NCHW: channels-last strides
-        x = torch.randn(N, H, W, C, dtype=DTYPES[dtype], device=device, generator=generator).permute(0, 3, 1, 2)
+    N, C, S = case.N, case.C, case.in_size  # S: (H, W), or (D, H, W) for a volume
+    if case.channels_last:  # drawn as N[D]HWC, viewed as NC[D]HW: channels-last(-3d) strides
+        x = torch.randn(N, *S, C, dtype=DTYPES[dtype], device=device, generator=generator).movedim(-1, 1)
     else:
-        x = torch.randn(N, C, H, W, dtype=DTYPES[dtype], device=device, generator=generator)
+        x = torch.randn(N, C, *S, dtype=DTYPES[dtype], device=device, generator=generator)
     return x.requires_grad_(requires_grad)
 
 
@@ -186,8 +191,9 @@ def _closure(apply, sets, mode):
 
 def _blank_row(case, dtype, provider, mode, status):
     row = dict.fromkeys(ROW_FIELDS)
-    row.update(case=case.name, provider=provider, mode=mode, dtype=dtype, layout=case.layout, K=case.K,
-               N=case.N, C=case.C, H=case.H, W=case.W, Ho=case.Ho, Wo=case.Wo, status=status)
+    row.update(case=case.name, provider=provider, mode=mode, dtype=dtype, layout=case.layout, sampling=case.sampling,
+               K=case.K, N=case.N, C=case.C, D=case.D, H=case.H, W=case.W, Do=case.Do, Ho=case.Ho, Wo=case.Wo,
+               status=status)
     family = PROVIDERS[provider].family
     row["min_bytes"] = min_bytes(case, dtype, mode, family, basis_dim() if family == "basis" else 0)
     return row
@@ -197,6 +203,11 @@ def run_row(cfg, case, dtype, name, mode):
     """Time one row; failures are recorded in the row's status, never raised."""
     provider = PROVIDERS[name]
     ok, why = provider.available()
+    if not ok:
+        return _blank_row(case, dtype, name, mode, f"skipped: {why}")
+    if case.is_3d and case.sampling == "bicubic":
+        return _blank_row(case, dtype, name, mode, "skipped: PyTorch has no bicubic for 5-D input")
+    ok, why = provider.applies(case)
     if not ok:
         return _blank_row(case, dtype, name, mode, f"skipped: {why}")
     reason = _skip_reason(case, dtype, cfg.device)

@@ -288,12 +288,29 @@ def _innermost_for(path, line):
     return best
 
 
+def _constant_trips(path, line):
+    """Whether the ``for`` at ``path:line`` has literal bounds (``range(0, 4)``): one the compiler may unroll."""
+    args, _ = _for_nodes(path)[line]
+    return all(a.lstrip("-").isdigit() for a in args)
+
+
+def _encloses(path, outer, inner):
+    """Whether the ``for`` at line ``outer`` of ``path`` holds the one at line ``inner``."""
+    _, end = _for_nodes(path)[outer]
+    return outer < inner <= end
+
+
 def name_loops(loops, instrs):
     """Attach each SASS loop to the ``for`` statement it compiles: the innermost ``for`` that holds the
     most of its instructions' source lines (through the line table), not counting the loops nested in
-    it, which are named first."""
+    it, which are named first.
+
+    One exception: a ``for`` with literal bounds (``range(0, 4)``) inside another ``for`` that the loop's
+    instructions also point at is not the name of a loop that no other loop encloses: the compiler
+    unrolled it inside the enclosing one (whose own lines may be fewer), which is then the loop."""
     for lp in sorted(loops, key=lambda lp: lp.size):
         nested = [o for o in loops if o is not lp and lp.start <= o.start and o.end <= lp.end]
+        enclosed = any(o is not lp and o.start <= lp.start and lp.end <= o.end for o in loops)
         lp.children = nested
         inner = {n for o in nested for n in range(o.start, o.end + 1)}
         claimed = {o.source_key for o in nested if o.source_key}
@@ -305,6 +322,10 @@ def name_loops(loops, instrs):
             start = _innermost_for(i.file, i.line)
             if start is not None and (i.file, start) not in claimed:
                 votes[(i.file, start)] = votes.get((i.file, start), 0) + 1
+        if not enclosed:
+            unrolled = [(path, line) for path, line in votes if _constant_trips(path, line) and any(
+                p == path and _encloses(path, other, line) for p, other in votes)]
+            votes = {k: v for k, v in votes.items() if k not in unrolled} or votes
         if votes:
             (path, line), _ = max(votes.items(), key=lambda kv: kv[1])
             args, _ = _for_nodes(path)[line]
@@ -329,6 +350,43 @@ def eval_trips(loop, names):
             loop.trips, loop.trips_note = hint, "estimated from the case's geometry"
         else:
             loop.trips, loop.trips_note = 1, "data-dependent bound: counted once"
+
+
+_PER_TRIP = ("LDG", "FFMA", "FMUL", "FADD")  # the work one trip of a loop repeats: global loads, float arithmetic
+
+
+def _trip_work(loop, loops, instrs):
+    """Global loads and floating-point instructions of ``loop``'s own body (not of loops nested in it)."""
+    inner = {n for o in loops if o is not loop and loop.start <= o.start and o.end <= loop.end
+             for n in range(o.start, o.end + 1)}
+    return sum(1 for n in range(loop.start, loop.end + 1) if n not in inner and instrs[n].base in _PER_TRIP)
+
+
+def split_unrolled(loops, instrs):
+    """Trips of a loop the compiler unrolled (after :func:`eval_trips`).
+
+    A ``for`` with a run-time bound unrolled u times compiles to two sibling SASS loops named by the same
+    ``for``: the unrolled body and a remainder loop of one trip's body. Both were given the source loop's
+    trips; they run ``trips // u`` and ``trips % u`` times. u is the ratio of their per-trip work (global
+    loads and float arithmetic), taken only when it is a whole number >= 2 within 10%: two copies of one
+    loop (an inlined function called twice) have a ratio near 1 and keep their trips."""
+    by_source = {}
+    for lp in loops:
+        if lp.source and lp.trips_note == "from the launch's arguments":
+            by_source.setdefault(lp.source, []).append(lp)
+    for group in by_source.values():
+        if len(group) != 2:
+            continue
+        main, rest = sorted(group, key=lambda lp: -lp.size)
+        if main.start <= rest.start <= main.end or rest.start <= main.start <= rest.end:  # nested, not siblings
+            continue
+        wm, wr = _trip_work(main, loops, instrs), _trip_work(rest, loops, instrs)
+        u = round(wm / wr) if wr else 0
+        if u < 2 or abs(wm - u * wr) > 0.1 * wm:
+            continue
+        t = int(main.trips)
+        main.trips, rest.trips = t // u, t % u
+        main.trips_note = rest.trips_note = f"unrolled x{u}: {t} trips = {u} x {t // u} + {t % u} (remainder loop)"
 
 
 def dynamic_count(instrs, loops):

@@ -27,7 +27,13 @@ from .report import MIN_BYTES_RULE, _git
 TRITON_VERSION = "3.6.0"  # what the GPU machines run: kernels must compile with it
 TRITON_DIR_ENV = "STN_TRITON_STATIC_TRITON"  # a folder holding that triton package, to skip the install
 FORMS = {"ours-affine": "affine", "ours-projective": "projective", "ours-basis": "basis", "ours-grid": "grid"}
-FAMILY = {"affine": "affine", "projective": "projective", "basis": "basis", "grid": "affine"}
+FAMILY = {"affine": "affine", "projective": "projective", "basis": "basis", "grid": "affine",
+          "affine3d": "affine", "basis3d": "basis", "grid3d": "affine"}
+# A volumetric case (5-D input) runs the 3-D op of each form: affine3d, basis3d (the same 19-row basis,
+# now over Do*Ho*Wo voxels: a synthetic one, for the kernel's cost), grid3d; projective has none.
+FORMS_3D = {"affine": "affine3d", "basis": "basis3d", "grid": "grid3d"}
+NO_3D = {"projective": "st.projective_sample has no 3-D form"}
+NO_BICUBIC_3D = "PyTorch has no bicubic for 5-D input"
 BASIS_DIM = 19  # the 4 x 4 thin plate spline of the benchmarks: 1, x, y and 16 radial terms
 STEP_MODES = ("fwd", "bwd", "fwd+bwd", "bwd-det")
 DISCLAIMER = ("A model, not a measurement: compiled for the target without a GPU; the issue time assumes "
@@ -97,12 +103,16 @@ def triton_path(version=TRITON_VERSION, quiet=False):
 # Jobs and the worker
 # ---------------------------------------------------------------------------------------------------
 
-ALTERNATIVE_CASES = ("cub-k4", "feat-nchw", "feat-cl")  # where the autotune candidates are compared by the model
+VOLUME_CASES = ("vol-reg", "vol-feat-cl")
+ALTERNATIVE_CASES = ("cub-k4", "feat-nchw", "feat-cl") + VOLUME_CASES  # where the model compares autotune candidates
 
 
 def make_jobs(cases, dtypes, forms, modes):
     """One job per (case, dtype, form, mode): what the worker runs the launchers on; then, for the
-    headline cases (affine form, fwd and bwd), one per autotune candidate (``choice``)."""
+    headline cases (affine form, fwd and bwd), one per autotune candidate (``choice``).
+
+    A volumetric case's job names the 3-D form (``affine3d``, ...) and carries ``D``/``Do``; one the
+    kernels cannot run (projective, bicubic) carries ``skip``, the reason, and is reported, not compiled."""
     try:
         from stn_triton.kernels.launch import TUNING
     except ImportError:  # a revision without autotuning
@@ -113,12 +123,20 @@ def make_jobs(cases, dtypes, forms, modes):
         for dtype in ([case.dtype] if case.dtype else dtypes):
             for form in forms:
                 for mode in modes:
-                    jobs.append({"case": case.name, "N": case.N, "C": case.C, "H": case.H, "W": case.W,
-                                 "Ho": case.Ho, "Wo": case.Wo, "K": case.K, "layout": case.layout, "dtype": dtype,
-                                 "form": form, "mode": mode, "D": BASIS_DIM})
+                    volume = getattr(case, "D", None) is not None
+                    sampling = getattr(case, "sampling", "bilinear")
+                    job = {"case": case.name, "N": case.N, "C": case.C, "D": getattr(case, "D", None), "H": case.H,
+                           "W": case.W, "Do": getattr(case, "Do", None), "Ho": case.Ho, "Wo": case.Wo, "K": case.K,
+                           "layout": case.layout, "dtype": dtype, "form": FORMS_3D.get(form, form) if volume else form,
+                           "mode": mode, "basis_dim": BASIS_DIM, "sampling": sampling}
+                    if volume and form in NO_3D:
+                        job["skip"] = NO_3D[form]
+                    elif volume and sampling == "bicubic":
+                        job["skip"] = NO_BICUBIC_3D
+                    jobs.append(job)
     for job in list(jobs):
-        if (job["case"] in ALTERNATIVE_CASES and _is_named(job, job["case"]) and job["form"] == "affine"
-                and job["mode"] in ("fwd", "bwd")):
+        if (job["case"] in ALTERNATIVE_CASES and _is_named(job, job["case"]) and job["form"] in ("affine", "affine3d")
+                and job["mode"] in ("fwd", "bwd") and "skip" not in job):
             jobs += [dict(job, choice=i) for i in range(len(TUNING))]
     return jobs
 
@@ -187,6 +205,7 @@ def _launch_model(launch, kernel, arch):
         copy = sass.Loop(lp.start, lp.end, lp.source, lp.range_args)
         sass.eval_trips(copy, names)
         loops.append(copy)
+    sass.split_unrolled(loops, kernel["instrs"])
     dyn = sass.dynamic_count(kernel["instrs"], loops)
     programs = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
     working = int(hints.get("programs_with_work", programs))
@@ -215,9 +234,15 @@ def analyse(raw, arch="sm_90", jobs_cases=None):
     rows = []
     for res in raw["results"]:
         job = res["job"]
-        row = {k: job[k] for k in ("case", "N", "C", "H", "W", "Ho", "Wo", "K", "layout", "dtype", "form", "mode")}
+        row = {k: job.get(k) for k in ("case", "N", "C", "D", "H", "W", "Do", "Ho", "Wo", "K", "layout", "dtype",
+                                       "form", "mode")}
+        row["sampling"] = job.get("sampling", "bilinear")
         if "choice" in job:
             row["choice"] = job["choice"]
+        if "skipped" in res:
+            row.update(skipped=res["skipped"], launches=[])
+            rows.append(row)
+            continue
         if "error" in res:
             row.update(error=res["error"], launches=[])
             rows.append(row)
@@ -247,14 +272,22 @@ def _case_of(job):
     from .cases import Case
 
     return Case(job["case"], job["N"], job["C"], job["H"], job["W"], job["Ho"], job["Wo"], job["K"],
-                dtype=job["dtype"], layout=job["layout"])
+                dtype=job["dtype"], layout=job["layout"], sampling=job.get("sampling", "bilinear"),
+                D=job.get("D"), Do=job.get("Do"))
 
 
 def _is_named(row, name):  # a row or a job
     c = NAMED.get(name)
     return (c is not None and row["case"] == name and row["layout"] == c.layout
+            and row.get("sampling", "bilinear") == c.sampling
             and (row["N"], row["C"], row["H"], row["W"], row["Ho"], row["Wo"], row["K"]) ==
-            (c.N, c.C, c.H, c.W, c.Ho, c.Wo, c.K))
+            (c.N, c.C, c.H, c.W, c.Ho, c.Wo, c.K)
+            and (row.get("D"), row.get("Do")) == (getattr(c, "D", None), getattr(c, "Do", None)))
+
+
+def _done(r):
+    """A row with launches to read: neither a compile error nor a skipped job."""
+    return "error" not in r and "skipped" not in r
 
 
 def default_rows(rows):
@@ -267,10 +300,11 @@ def alternatives(rows):
     for the default (the first candidate). Candidates that collapse into another are dropped."""
     out = []
     for r in rows:
-        if "choice" not in r or "error" in r:
+        if "choice" not in r or not _done(r):
             continue
-        base = next((d for d in default_rows(rows) if "error" not in d and all(
-            d[k] == r[k] for k in ("case", "dtype", "form", "mode", "layout", "N", "C", "H", "W", "Ho", "Wo", "K"))),
+        base = next((d for d in default_rows(rows) if _done(d) and all(
+            d.get(k) == r.get(k) for k in ("case", "dtype", "form", "mode", "layout", "N", "C", "D", "H", "W", "Do",
+                                           "Ho", "Wo", "K"))),
             None)
         main = [x for x in r["launches"] if x["kind"] == "triton"]
         if not main or base is None:
@@ -308,7 +342,7 @@ def model_pick(cands):
 def check_targets(rows):
     """Issue 11's static targets. verdict: met, missed, or not in this run."""
     out = []
-    ok = [r for r in default_rows(rows) if "error" not in r]
+    ok = [r for r in default_rows(rows) if _done(r)]
 
     def add(target, found, met):
         verdict = "not in this run" if met is None else met if isinstance(met, str) else ("met" if met else "missed")
@@ -346,12 +380,16 @@ def check_targets(rows):
             r and r["issue_over_floor"] <= 2.0)
 
     alts = alternatives(rows)
-    groups = {(a["case"], a["dtype"], a["mode"]) for a in alts}
-    off = sorted(f"{c} {d} {m}" for c, d, m in groups
-                 if not any(a["model_pick"] and a["is_default"] for a in alts if (a["case"], a["dtype"], a["mode"]) == (c, d, m)))
-    add("each autotune default is the model's pick (headline cases)",
-        f"{len(groups) - len(off)} of {len(groups)}" + (f"; not: {', '.join(off)}" if off else ""),
-        (not off) if groups else None)
+    for volumes in (False, True):
+        groups = {(a["case"], a["dtype"], a["mode"]) for a in alts if (a["case"] in VOLUME_CASES) == volumes}
+        off = sorted(f"{c} {d} {m}" for c, d, m in groups
+                     if not any(a["model_pick"] and a["is_default"] for a in alts
+                                if (a["case"], a["dtype"], a["mode"]) == (c, d, m)))
+        found = f"{len(groups) - len(off)} of {len(groups)}" + (f"; not: {', '.join(off)}" if off else "")
+        if not volumes:
+            add("each autotune default is the model's pick (headline cases)", found, (not off) if groups else None)
+        else:  # not a target the kernels were tuned for: what the 2-D launch rules give the volumes
+            add("volumes: each autotune default is the model's pick", found, "reported" if groups else None)
 
     cl = [x for r in ok if _is_named(r, "feat-cl") for x in bwd_kernels([r])]
     worst = max(cl, key=lambda x: x["registers"], default=None)
@@ -414,6 +452,10 @@ def markdown(meta, rows, targets):
         if "error" in r:
             lines.append(f"| {r['case']} | {r['dtype']} | {r['form']} | {r['mode']} | compile error: "
                          f"{r['error'][:120]} | | | | |")
+            continue
+        if "skipped" in r:
+            lines.append(f"| {r['case']} | {r['dtype']} | {r['form']} | {r['mode']} | skipped: {r['skipped']} "
+                         "| | | | |")
             continue
         lines.append(f"| {r['case']} | {r['dtype']} | {r['form']} | {r['mode']} | {r['n_launches']} | "
                      f"{_us(r['issue_us'])} | {_us(r['floor_us'])} | {r['issue_over_floor']:.2f} | "
