@@ -57,12 +57,27 @@ def basis_grid(m, basis, size):
     return torch.einsum("nkcd,dp->nkpc", m, basis).reshape(N, K, *size, 2)
 
 
+def _ordinary(grid, sizes):
+    """Whether every coordinate of ``grid`` is finite and lies well within ``_FAR`` pixels of an
+    image of ``sizes``: then sanitizing changes nothing and is skipped, one pass over the grid
+    (``aminmax``, NaN propagating) instead of about ten. Eager plain CPU tensors only: elsewhere
+    (a GPU, tracing, fake tensors) reading the answer back would cost a sync or break the trace."""
+    if grid.numel() == 0 or type(grid) is not torch.Tensor or grid.device.type != "cpu" \
+            or torch.compiler.is_compiling():
+        return False
+    lo, hi = torch.aminmax(grid)
+    bound = _FAR / max(sizes) - 1  # |g| below it puts the pixel coordinate below _FAR for either alignment
+    return bool(lo > -bound) and bool(hi < bound)
+
+
 def _sanitize(grid, size_hw, padding_mode, align_corners):
     """Replace non-finite coordinates by finite ones with the same forward, and a zero gradient.
 
     Returns the grid to sample with and, for zeros padding, the mask of pixels that read anything.
     """
     H, W = size_hw
+    if _ordinary(grid, size_hw):
+        return grid, None
     scale = grid.new_tensor([(W - 1) / 2 if align_corners else W / 2,
                              (H - 1) / 2 if align_corners else H / 2])
     offset = grid.new_tensor([(W - 1) / 2, (H - 1) / 2])
@@ -154,6 +169,8 @@ def basis_grid3d(m, basis, size):
 def _sanitize3d(grid, size_dhw, padding_mode, align_corners):
     """:func:`_sanitize` for a (..., 3) grid over a (D, H, W) volume: the same rules per axis."""
     D, H, W = size_dhw
+    if _ordinary(grid, size_dhw):
+        return grid, None
     sizes = grid.new_tensor([W, H, D])  # the grid's axes are x, y, z
     scale = (sizes - 1) / 2 if align_corners else sizes / 2
     offset = (sizes - 1) / 2

@@ -1,6 +1,10 @@
-"""The paper's distorted-digits experiment (Table 1 in miniature): data, distortions, models, runner.
+"""The paper's distorted-digits experiment (Table 1 in miniature): data, distortions, models, runner;
+and three more of its appendix A's experiments as tasks of the same command, :mod:`.addition`,
+:mod:`.colocalisation` and :mod:`.threed`.
 
-``python -m stn_triton.integrations.digits`` (or ``stn-digits``) runs it; see :mod:`stn_triton.integrations.digits.cli`.
+``python -m stn_triton.integrations.digits`` (or ``stn-digits``) runs it (``--task classify``, the
+default; ``--task addition``, ``--task colocalisation``, ``--task 3d``); see
+:mod:`stn_triton.integrations.digits.cli`.
 :func:`load_model` reads back what ``--save-models`` wrote.
 """
 

@@ -1,21 +1,32 @@
-"""``stn-digits`` / ``python -m stn_triton.integrations.digits``: the distorted-digits experiment.
+"""``stn-digits`` / ``python -m stn_triton.integrations.digits``: the paper's digit experiments.
 
-The defaults are the README's first command: R and RTS, CNN vs ST-CNN (affine), three seeds, 40
-epochs with a rotation curriculum over the first 15, on scikit-learn's bundled digits, on the CPU,
-in about three minutes on two cores. ``--paper`` selects
-every distortion and model for a GPU run (give it MNIST with ``--data``).
+Four of the paper's appendix A experiments, one task at a time. --task classify (the default) is
+the README's first command: R and RTS, CNN vs ST-CNN (affine), three seeds, 40 epochs with a
+rotation curriculum over the first 15, on scikit-learn's bundled digits, on the CPU, in about three
+minutes on two cores. --task addition: two RTS-distorted digits, one per channel, labelled with
+their sum; FCN and CNN against an ST-CNN with two parallel transformers. --task colocalisation:
+find the digit of one class in cluttered images with a triplet loss, no boxes and no labels. --task
+3d: each digit extruded into a slab, tilted in 3-D and placed in a volume; a CNN on the volume's
+depth sum against a 3-D spatial transformer (affine3d) whose output is summed before the same CNN.
+``--paper`` selects the paper's sizes for a GPU run (give it MNIST with ``--data``); ``--task T
+--help`` lists the options of task T.
 
 On a terminal it shows progress bars; otherwise (a log file, CI) it prints one line per finished
-run and no bars.
+run and no bars. The tasks other than classify train their runs several at once (``--workers``, by
+default one process per CPU thread, each with one thread: small networks use one thread far better
+than two).
 """
 
 import argparse
+import dataclasses
 import os
 import sys
+from typing import Callable, NamedTuple
 
 import torch
 
 from stn_triton._cli import HelpFormatter, description
+from . import addition, colocalisation, threed
 from .distortions import DISTORTIONS
 from .experiment import DEFAULT_LR, OPTIMIZERS, Config, run
 from .models import MODELS
@@ -23,74 +34,123 @@ from .models import MODELS
 PAPER = dict(distortions=DISTORTIONS, models=MODELS, seeds=(0, 1, 2), epochs=60, batch_size=256, lr=1e-3)
 
 
-def parser():
-    p = argparse.ArgumentParser(prog="stn-digits", description=description(__doc__), formatter_class=HelpFormatter)
-    d = Config()
+def _classify_arguments(p, d):
     p.add_argument("--distortions", nargs="+", choices=DISTORTIONS, default=list(d.distortions), metavar="D",
                    help=f"distortions, of {', '.join(DISTORTIONS)}")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(d.models), metavar="M",
                    help=f"models, of {', '.join(MODELS)}")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(d.seeds), help="one run per seed; the table averages")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help="adam (one-cycle schedule) or sgd (the paper's: momentum 0.9, the rate divided by 10 after "
-                        "a third and two thirds of the epochs)")
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"Adam's peak rate or SGD's initial rate (default {DEFAULT_LR['adam']:g} for adam, "
-                        f"{DEFAULT_LR['sgd']:g} for sgd)")
-    p.add_argument("--localization-lr-scale", type=float, default=d.localization_lr_scale,
-                   help="the localisation networks learn at lr times this")
     p.add_argument("--curriculum", type=int, default=d.curriculum, metavar="EPOCHS",
                    help="R and RTS: the training rotation grows linearly to its full angle over the first EPOCHS "
                         "epochs (the same images for every model; validation and test use the full angle); 0: none")
-    p.add_argument("--st-size", type=int, default=d.st_size,
-                   help="side of what the first stages produce: the transformers' output, the classifiers' input")
-    p.add_argument("--data", default=d.data,
-                   help="'digits' (scikit-learn's bundled digits) or a folder of MNIST-format IDX files "
-                        "(train-images-idx3-ubyte[.gz] etc., e.g. /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--train-limit", type=int, default=None,
-                   help="use only the first N training images (only these are read and converted)")
-    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images (likewise)")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="fraction of the training images held out for validation (the same for every seed)")
-    p.add_argument("--keep", choices=("last", "best"), default=d.keep,
-                   help="which epoch's weights are tested: the last, or the best on the validation split")
-    p.add_argument("--object-scale", type=float, default=None,
-                   help="shrink the objects by this before distorting them (default: measured from the training "
-                        "images, 1 unless they reach beyond the frame's inscribed circle, as Fashion-MNIST's do)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--out", default=d.out, help="where results.json, table.md and figures/ go")
     p.add_argument("--save-models", action="store_true",
                    help="write every trained model to OUT/models/DISTORTION-MODEL-seedS.pt "
                         "(stn_triton.integrations.digits.load_model reads them)")
+
+
+class Task(NamedTuple):
+    """One task of ``stn-digits``: its configuration (a dataclass extending ``TrainConfig``), what runs
+    it (``run(cfg)``), what adds its own options to the parser (``arguments(parser, defaults)``; the
+    options every task shares are added for each field its configuration has), what ``--paper``
+    sets, and a line of help."""
+
+    config: type
+    run: Callable
+    arguments: Callable
+    paper: dict
+    help: str
+
+
+# A new task slots in here: a module with its configuration, run and arguments, and one entry.
+TASKS = {
+    "classify": Task(Config, run, _classify_arguments, PAPER,
+                     "each digit distorted, classified (the paper's Table 1)"),
+    "addition": Task(addition.AdditionConfig, addition.run, addition.arguments, addition.PAPER,
+                     "two distorted digits, one per channel, labelled with their sum"),
+    "colocalisation": Task(colocalisation.ColocalisationConfig, colocalisation.run, colocalisation.arguments,
+                           colocalisation.PAPER, "the digit of one class found in cluttered images, unsupervised"),
+    "3d": Task(threed.ThreeDConfig, threed.run, threed.arguments, threed.PAPER,
+               "each digit a slab tilted in 3-D in a volume; a 3-D transformer before the projection"),
+}
+
+
+def _shared_arguments(p, d, fields):
+    """The options every task has, each added when the task's configuration has its field."""
+
+    def add(flag, **kw):
+        if flag[2:].replace("-", "_") in fields:
+            p.add_argument(flag, **kw)
+
+    add("--seeds", nargs="+", type=int, default=list(d.seeds), help="one run per seed; the table averages")
+    add("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    add("--batch-size", type=int, default=d.batch_size, help="images per step")
+    add("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+        help="adam (one-cycle schedule) or sgd (the paper's: momentum 0.9, the rate divided by 10 after "
+             "a third and two thirds of the epochs)")
+    add("--lr", type=float, default=None,
+        help=f"Adam's peak rate or SGD's initial rate (default {DEFAULT_LR['adam']:g} for adam, "
+             f"{DEFAULT_LR['sgd']:g} for sgd)")
+    add("--localization-lr-scale", type=float, default=d.localization_lr_scale,
+        help="the localisation networks learn at lr times this")
+    add("--st-size", type=int, default=d.st_size,
+        help="side of what the first stages produce: the transformers' output, the classifiers' input")
+    add("--data", default=d.data,
+        help="'digits' (scikit-learn's bundled digits) or a folder of MNIST-format IDX files "
+             "(train-images-idx3-ubyte[.gz] etc., e.g. /usr/share/datasets/fashion-mnist)")
+    add("--train-limit", type=int, default=None,
+        help="use only the first N training images (only these are read and converted)")
+    add("--test-limit", type=int, default=None, help="use only the first N test images (likewise)")
+    add("--val-fraction", type=float, default=d.val_fraction,
+        help="fraction of the training images held out for validation (the same for every seed)")
+    add("--keep", choices=("last", "best"), default=d.keep,
+        help="which epoch's weights are tested: the last, or the best on the validation split")
+    add("--object-scale", type=float, default=None,
+        help="shrink the objects by this before distorting them (default: measured from the training "
+             "images, 1 unless they reach beyond the frame's inscribed circle, as Fashion-MNIST's do)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    add("--workers", type=int, default=getattr(d, "workers", 0),
+        help="runs trained at once, each in its own process with its share of the threads (small networks "
+             "use one thread far better than two); 0: one per thread on the CPU, 1 on a GPU")
+    add("--out", default=d.out, help="where results.json, table.md and figures/ go")
+
+
+def parser(task="classify"):
+    """The parser of ``task``'s options (with --task, which chooses among :data:`TASKS`)."""
+    t = TASKS[task]
+    p = argparse.ArgumentParser(prog="stn-digits", description=description(__doc__, 0) + "\n\n"
+                                + description(__doc__), formatter_class=HelpFormatter)
+    p.add_argument("--task", choices=TASKS, default="classify",
+                   help="; ".join(f"{name}: {x.help}" for name, x in TASKS.items()))
+    d = t.config()
+    t.arguments(p, d)
+    _shared_arguments(p, d, {f.name for f in dataclasses.fields(t.config)})
+    paper = ", ".join(f"{k.replace('_', ' ')} {' '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+                      for k, v in t.paper.items())
     p.add_argument("--paper", action="store_true",
-                   help="the full experiment: every distortion and model, 3 seeds, "
-                        f"{PAPER['epochs']} epochs, batch {PAPER['batch_size']}, device auto; for a GPU and MNIST")
+                   help=f"the paper-sized run of this task ({paper}; device auto): for a GPU and MNIST")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars on a terminal either (elsewhere there are none)")
     return p
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
-    given = {a.split("=", 1)[0].lstrip("-").replace("-", "_")
-             for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-    kw = dict(distortions=args.distortions, models=args.models, seeds=args.seeds, epochs=args.epochs,
-              batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
-              localization_lr_scale=args.localization_lr_scale, curriculum=args.curriculum, st_size=args.st_size,
-              data=args.data, train_limit=args.train_limit, test_limit=args.test_limit, val_fraction=args.val_fraction,
-              keep=args.keep,
-              object_scale=args.object_scale, out=args.out, save_models=args.save_models,
-              progress=not args.no_progress)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--task", default="classify")
+    task = pre.parse_known_args(argv)[0].task
+    args = parser(task if task in TASKS else "classify").parse_args(argv)  # a bad --task: argparse says so
+    t = TASKS[args.task]
+    given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(t.config) if f.name in vars(args)}
+    kw["progress"] = not args.no_progress
     device = args.device
     if args.paper:
         # explicit options win; PAPER's rate is Adam's
-        kw.update({k: v for k, v in PAPER.items() if k not in given and (k != "lr" or args.optimizer == "adam")})
+        kw.update({k: v for k, v in t.paper.items()
+                   if k not in given and (k != "lr" or getattr(args, "optimizer", "adam") == "adam")})
         if "device" not in given:
             device = "auto"
-        if args.data == "digits":
+        if getattr(args, "data", None) == "digits":
             print("note: --paper on scikit-learn's 1,797 digits; the paper used MNIST (pass --data DIR)",
                   file=sys.stderr)
     if device == "auto":
@@ -104,8 +164,8 @@ def main(argv=None):
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                   else os.cpu_count() or 1))
     try:
-        cfg = Config(**kw)
+        cfg = t.config(**kw)
     except ValueError as e:
         raise SystemExit(f"stn-digits: {e}") from None
-    run(cfg)
+    t.run(cfg)
     return 0

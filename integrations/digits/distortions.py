@@ -15,7 +15,8 @@ P       28      projective: scale 0.75 to 1.0, then each of the frame's four cor
 E       28      elastic: a thin plate spline whose 4 x 4 control points are moved by Gaussian
                 noise (``point_std`` pixels)
 TC      60      translated and cluttered: the digit placed anywhere in a 60 x 60 canvas, plus
-                ``clutter`` random 6 x 6 patches cut from other digits
+                ``clutter`` random 6 x 6 patches cut from other digits (of the batch, or of
+                ``clutter_from``)
 ======  ======  ==============================================================================
 
 The magnitudes are keyword options. With identity settings (angle 0, scale 1, no noise,
@@ -118,21 +119,27 @@ def elastic(digits, gen, point_std=2.0, grid_size=(4, 4), object_scale=1.0):
     return st.spatial_transform(digits, theta, family, (FRAME, FRAME)), {"theta": theta}
 
 
-def translate_clutter(digits, gen, canvas=60, clutter=6, patch=6, translate=True, object_scale=1.0):
+def translate_clutter(digits, gen, canvas=60, clutter=6, patch=6, translate=True, object_scale=1.0,
+                      clutter_from=None):
     n = digits.shape[0]
     room = (1 - FRAME / canvas) * float(translate)
     shift = (2 * torch.rand(n, 2, generator=gen, dtype=torch.float64) - 1) * room
     scale = torch.full((n,), float(object_scale), dtype=torch.float64)
     out, theta = _place(digits, gen, canvas, torch.zeros(n, dtype=torch.float64), scale, shift)
-    if clutter and n > 1:
+    source = digits if clutter_from is None else clutter_from
+    if clutter and (n > 1 if clutter_from is None else len(clutter_from) > 0):
         for _ in range(clutter):
-            # a patch from another digit (never the image's own), cut where digits have ink
-            other = (torch.arange(n) + torch.randint(1, n, (n,), generator=gen)) % n
+            # a patch from another digit (never the image's own; or any of `clutter_from`), cut where
+            # digits have ink
+            if clutter_from is None:
+                other = (torch.arange(n) + torch.randint(1, n, (n,), generator=gen)) % n
+            else:
+                other = torch.randint(0, len(clutter_from), (n,), generator=gen)
             lo, hi = (FRAME - 20) // 2, (FRAME + 20) // 2 - patch
             cy, cx = (torch.randint(lo, hi + 1, (2, n), generator=gen))
             py, px = torch.randint(0, canvas - patch + 1, (2, n), generator=gen)
             r = torch.arange(patch)
-            src = digits[other[:, None, None], 0, (cy[:, None] + r)[:, :, None], (cx[:, None] + r)[:, None, :]]
+            src = source[other[:, None, None], 0, (cy[:, None] + r)[:, :, None], (cx[:, None] + r)[:, None, :]]
             rows, cols = (py[:, None] + r)[:, :, None], (px[:, None] + r)[:, None, :]
             idx = torch.arange(n)[:, None, None]
             out[idx, 0, rows, cols] = torch.maximum(out[idx, 0, rows, cols], src)

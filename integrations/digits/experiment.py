@@ -17,10 +17,12 @@ import copy
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,19 +47,17 @@ OBJECT_PERCENTILE = 99.0
 
 
 @dataclass
-class Config:
-    distortions: tuple = ("R", "RTS")
-    models: tuple = ("CNN", "ST-CNN-aff")
+class TrainConfig:
+    """What every task of ``stn-digits`` shares: seeds, the optimiser and its schedule, the data and
+    its split, where the results go. Each task's configuration extends it (:class:`Config` is the
+    classification task's)."""
+
     seeds: tuple = (0, 1, 2)
     epochs: int = 40
     batch_size: int = 32
     optimizer: str = "adam"  # "adam" (one-cycle schedule) or "sgd" (momentum, step decay: the paper's)
     lr: float = None  # None: DEFAULT_LR[optimizer]
     localization_lr_scale: float = 1.0
-    # R and RTS: the training images' largest rotation grows linearly from 1/curriculum of the full
-    # angle in the first epoch to the full angle in epoch `curriculum` (1-based), then stays; 0: none.
-    # The same images for every model; validation and test always use the full angle.
-    curriculum: int = 15
     st_size: int = 28  # what the first stages produce (the classifiers' input size)
     data: str = "digits"  # "digits" (scikit-learn's) or a folder of MNIST-format IDX files
     train_limit: int = None
@@ -69,22 +69,11 @@ class Config:
     out: str = "runs/digits"
     figure_count: int = 12
     progress: bool = True  # progress bars, on a terminal only
-    save_models: bool = False  # every trained model under <out>/models/
-    distortion_options: dict = field(default_factory=dict)  # {"RTS": {"max_angle": 30}, ...}
-    # per-epoch schedule of training-distortion options, e.g. {"R": {"max_angle": [[0, 20], [10, 90]]}}:
-    # [epoch, value] knots, linear in between, the last value after the last knot (see train_options)
-    distortion_schedule: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.distortions, self.models, self.seeds = tuple(self.distortions), tuple(self.models), tuple(self.seeds)
-        for d in self.distortions:
-            if d not in DISTORTIONS:
-                raise ValueError(f"distortions: expected some of {', '.join(DISTORTIONS)}, got {d!r}")
-        for m in self.models:
-            if m not in MODELS:
-                raise ValueError(f"models: expected some of {', '.join(MODELS)}, got {m!r}")
-        if not self.distortions or not self.models or not self.seeds:
-            raise ValueError("distortions, models and seeds: each needs at least one entry")
+        self.seeds = tuple(self.seeds)
+        if not self.seeds:
+            raise ValueError("seeds: needs at least one entry")
         for name in ("epochs", "batch_size", "st_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
@@ -95,8 +84,6 @@ class Config:
         if not (self.lr > 0 and self.localization_lr_scale > 0):
             raise ValueError(f"lr and localization_lr_scale: expected positive numbers, got {self.lr}, "
                              f"{self.localization_lr_scale}")
-        if not isinstance(self.curriculum, int) or self.curriculum < 0:
-            raise ValueError(f"curriculum: expected a number of epochs >= 0, got {self.curriculum!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction: expected a number in [0, 1), got {self.val_fraction!r}")
         if self.keep not in ("last", "best"):
@@ -105,6 +92,66 @@ class Config:
             raise ValueError("keep='best' chooses on the validation split: give val_fraction > 0")
         if self.object_scale is not None and not 0 < self.object_scale <= 1:
             raise ValueError(f"object_scale: expected a number in (0, 1], got {self.object_scale!r}")
+
+
+@dataclass
+class TaskConfig(TrainConfig):
+    """A task whose runs are independent of each other (addition, colocalisation, 3d): they may be
+    trained several at once, each in its own process (:func:`run_jobs`)."""
+
+    # runs trained at once, each in a process of its own with the CPU threads shared out among them:
+    # small networks keep one thread far busier than two, so two runs of one thread each finish in
+    # about the time of one run of two. 0: one per CPU thread on the CPU (at most one per run), 1 on
+    # a GPU. A run's numbers can differ in the last digits with its number of threads.
+    workers: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"workers: expected a number of processes >= 0 (0: one per CPU thread), "
+                             f"got {self.workers!r}")
+
+
+def check_choices(name, given, allowed):
+    """``given`` as a tuple, each of its entries one of ``allowed`` and at least one (else ValueError)."""
+    given = tuple(given)
+    for g in given:
+        if g not in allowed:
+            raise ValueError(f"{name}: expected some of {', '.join(allowed)}, got {g!r}")
+    if not given:
+        raise ValueError(f"{name}: needs at least one entry")
+    return given
+
+
+def curriculum_angle(full, epoch, curriculum):
+    """The largest training rotation of epoch ``epoch`` (0-based) under a rotation curriculum of
+    ``curriculum`` epochs: ``full / curriculum`` in the first, growing linearly to ``full`` in epoch
+    ``curriculum`` (1-based), then ``full``; ``full`` throughout when ``curriculum`` is 0."""
+    return full * min(1.0, (epoch + 1) / curriculum) if curriculum else full
+
+
+@dataclass
+class Config(TrainConfig):
+    """The classification task (the main job): each model on each distortion for each seed."""
+
+    distortions: tuple = ("R", "RTS")
+    models: tuple = ("CNN", "ST-CNN-aff")
+    # R and RTS: the training images' largest rotation grows linearly from 1/curriculum of the full
+    # angle in the first epoch to the full angle in epoch `curriculum` (1-based), then stays; 0: none.
+    # The same images for every model; validation and test always use the full angle.
+    curriculum: int = 15
+    save_models: bool = False  # every trained model under <out>/models/
+    distortion_options: dict = field(default_factory=dict)  # {"RTS": {"max_angle": 30}, ...}
+    # per-epoch schedule of training-distortion options, e.g. {"R": {"max_angle": [[0, 20], [10, 90]]}}:
+    # [epoch, value] knots, linear in between, the last value after the last knot (see train_options)
+    distortion_schedule: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.distortions = check_choices("distortions", self.distortions, DISTORTIONS)
+        self.models = check_choices("models", self.models, MODELS)
+        super().__post_init__()
+        if not isinstance(self.curriculum, int) or self.curriculum < 0:
+            raise ValueError(f"curriculum: expected a number of epochs >= 0, got {self.curriculum!r}")
         for d, options in self.distortion_schedule.items():
             for name, knots in options.items():
                 epochs = [k[0] for k in knots] if all(len(k) == 2 for k in knots) else None
@@ -124,8 +171,8 @@ class Config:
         opts = self.options(distortion)
         scheduled = self.distortion_schedule.get(distortion, {})
         if self.curriculum and distortion in ROTATING and "max_angle" not in scheduled:
-            full = opts.get("max_angle", FULL_ANGLE[distortion])
-            opts["max_angle"] = full * min(1.0, (epoch + 1) / self.curriculum)
+            opts["max_angle"] = curriculum_angle(opts.get("max_angle", FULL_ANGLE[distortion]), epoch,
+                                                 self.curriculum)
         for name, knots in self.distortion_schedule.get(distortion, {}).items():
             opts[name] = _interpolate(knots, epoch)
         return opts
@@ -325,57 +372,92 @@ class Trained:
     test_params: dict
 
 
+@dataclass
+class Fit:
+    """What :func:`fit` did: per-epoch training loss and validation numbers, the epoch kept (0-based)
+    and the seconds it took."""
+
+    train_loss: list
+    val_errors: list
+    kept_epoch: int
+    seconds: float
+
+
+def cross_entropy(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def fit(model, cfg, train_data, seed, val_error=None, bar=None, loss=cross_entropy):
+    """Train ``model`` (its lazy layers materialised) for ``cfg.epochs`` epochs with ``cfg``'s
+    optimiser and schedule (:func:`_optimizer`), the shared loop of every task.
+
+    ``train_data(epoch)`` gives that epoch's training set ``(x, y)`` on the model's device (``y`` may be
+    None: unlabelled data); it is shuffled by ``seed`` and cut into batches of ``cfg.batch_size``, each
+    costing ``loss(model, x, y)`` (default: cross entropy of the model's logits). ``val_error(model)``
+    (optional; lower is better) is measured after every epoch; with ``cfg.keep == "best"`` the model
+    ends with the weights of the epoch where it was lowest, else with the last epoch's. ``bar``: a
+    progress bar advanced once per epoch."""
+    losses, val_errors, best = [], [], None
+    start = time.perf_counter()
+    opt = sched = per_batch = None
+    for epoch in range(cfg.epochs):
+        model.train()
+        x, y = train_data(epoch)
+        n = len(x)
+        if opt is None:  # the one-cycle schedule is sized on the first epoch's number of batches
+            opt, sched, per_batch = _optimizer(model, cfg, math.ceil(n / cfg.batch_size))
+        order = torch.randperm(n, generator=_gen("order", seed, epoch)).to(x.device)
+        total = 0.0
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            batch_loss = loss(model, x[idx], None if y is None else y[idx])
+            opt.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            opt.step()
+            if per_batch:
+                sched.step()
+            total += batch_loss.item() * len(idx)
+        if not per_batch:
+            sched.step()
+        losses.append(total / max(n, 1))
+        if val_error is not None:
+            val_errors.append(val_error(model))
+            if cfg.keep == "best" and (best is None or val_errors[-1] < val_errors[best[0]]):
+                best = (epoch, copy.deepcopy(model.state_dict()))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"val": f"{val_errors[-1]:.1f}"} if val_errors else {}))
+    kept = cfg.epochs - 1
+    if best is not None:
+        kept = best[0]
+        model.load_state_dict(best[1])
+    return Fit(losses, val_errors, kept, time.perf_counter() - start)
+
+
 def train_one(model_name, distortion, seed, digits, cfg, bar=None):
     """Train one model of ``cfg`` on (``distortion``, ``seed``); returns a :class:`Trained`."""
     dev = torch.device(cfg.device)
     test_x, test_params = distorted_test_set(distortion, digits, seed, cfg)
     test_x, test_y = test_x.to(dev), digits.test_y.to(dev)
-    val_x = None
+    val_error = None
     if digits.val_x is not None and len(digits.val_y):
         val_x = distort(distortion, digits.val_x, _gen("val", distortion, seed), object_scale=digits.object_scale,
                         **cfg.options(distortion)).to(dev)
         val_y = digits.val_y.to(dev)
+        val_error = lambda m: evaluate(m, val_x, val_y)  # noqa: E731
     torch.manual_seed(_seed("init", model_name, seed))
     model = build(model_name, test_x.shape[-1], cfg.st_size, classes=digits.num_classes).to(dev)
     with torch.no_grad():
         model(test_x[:2])  # materialise lazy layers before the optimizer sees them
-    steps = math.ceil(len(digits.train_y) / cfg.batch_size)
-    opt, sched, per_batch = _optimizer(model, cfg, steps)
-    losses, val_errors, best = [], [], None
-    start = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        model.train()
+
+    def train_data(epoch):
         x = distort(distortion, digits.train_x, _gen("train", distortion, seed, epoch),
-                    object_scale=digits.object_scale, **cfg.train_options(distortion, epoch)).to(dev)
-        y = digits.train_y.to(dev)
-        order = torch.randperm(len(y), generator=_gen("order", seed, epoch)).to(dev)
-        total = 0.0
-        for i in range(0, len(y), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if per_batch:
-                sched.step()
-            total += loss.item() * len(idx)
-        if not per_batch:
-            sched.step()
-        losses.append(total / max(len(y), 1))
-        if val_x is not None:
-            val_errors.append(evaluate(model, val_x, val_y))
-            if cfg.keep == "best" and (best is None or val_errors[-1] < val_errors[best[0]]):
-                best = (epoch, copy.deepcopy(model.state_dict()))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", **({"val": f"{val_errors[-1]:.1f}%"} if val_errors else {}))
-    seconds = time.perf_counter() - start
-    kept = cfg.epochs - 1
-    if best is not None:
-        kept = best[0]
-        model.load_state_dict(best[1])
-    return Trained(model, evaluate(model, test_x, test_y), val_errors[kept] if val_errors else None, val_errors,
-                   losses, kept, seconds, test_x, test_params)
+                    object_scale=digits.object_scale, **cfg.train_options(distortion, epoch))
+        return x.to(dev), digits.train_y.to(dev)
+
+    f = fit(model, cfg, train_data, seed, val_error, bar)
+    return Trained(model, evaluate(model, test_x, test_y), f.val_errors[f.kept_epoch] if f.val_errors else None,
+                   f.val_errors, f.train_loss, f.kept_epoch, f.seconds, test_x, test_params)
 
 
 def code_version():
@@ -434,6 +516,26 @@ def _mean_sd(values, digits=1):
     return f"{statistics.mean(values):.{digits}f}{spread}"
 
 
+def error_cell(runs, seeds):
+    """"mean ± sd (params)" of ``runs`` ({seed: result}) over ``seeds``: percent test error and the
+    parameter count ("" with no run)."""
+    errs = [runs[s]["error"] for s in seeds if s in runs]
+    params = "/".join(f"{c / 1000:.1f}k" for c in sorted({r["params"] for r in runs.values()}))
+    return f"{_mean_sd(errs)} ({params})" if errs else ""
+
+
+def paired_cell(runs, base_runs, seeds, base, is_base=False):
+    """The paired difference of ``runs`` to ``base_runs`` (both {seed: result}) over the seeds both
+    have, with its 95% interval, when there are three or more ("—" with fewer)."""
+    if is_base:
+        return "(baseline)"
+    seeds = [s for s in seeds if s in runs and s in base_runs]
+    if len(seeds) < 3:
+        return "—"
+    mean, lo, hi = paired_difference([runs[s]["error"] for s in seeds], [base_runs[s]["error"] for s in seeds])
+    return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] vs {base}"
+
+
 def format_table(results, cfg):
     """The paper's layout: one row per model; per distortion a column of percent test error (mean ±
     sd over seeds) with the model's parameter count; with three or more seeds, a column of the
@@ -454,22 +556,11 @@ def format_table(results, cfg):
         cells = [m]
         for d in cfg.distortions:
             runs = {r["seed"]: r for r in results if r["model"] == m and r["distortion"] == d}
-            errs = [runs[s]["error"] for s in cfg.seeds if s in runs]
-            counts = sorted({r["params"] for r in runs.values()})
-            params = "/".join(f"{c / 1000:.1f}k" for c in counts)
-            cells.append(f"{_mean_sd(errs)} ({params})" if errs else "")
+            cells.append(error_cell(runs, cfg.seeds))
             if paired:
                 base = base_model(m)
                 base_runs = {r["seed"]: r for r in results if r["model"] == base and r["distortion"] == d}
-                seeds = [s for s in cfg.seeds if s in runs and s in base_runs]
-                if base == m:
-                    cells.append("(baseline)")
-                elif len(seeds) >= 3:
-                    mean, lo, hi = paired_difference([runs[s]["error"] for s in seeds],
-                                                     [base_runs[s]["error"] for s in seeds])
-                    cells.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] vs {base}")
-                else:
-                    cells.append("—")
+                cells.append(paired_cell(runs, base_runs, cfg.seeds, base, base == m))
             if d in ROTATING:
                 rot = [runs[s].get("rotation") or {} for s in cfg.seeds if s in runs]
                 if rot and all("median_residual_deg" in r for r in rot):
@@ -499,34 +590,62 @@ def _table_note(cfg, digits, epochs, seconds):
 
 # --- figures ------------------------------------------------------------------------------------------
 
-def _tile(images, side):
-    """(n, 1, h, w) in [0, 1] -> one row image, each cell resized to side x side (nearest)."""
+def to_image(images):
+    """(n, c, h, w) in [0, 1] -> uint8 (n, h, w) for one channel, else (n, h, w, 3) RGB: two channels
+    as red and green, three as they are."""
+    images = images.float().cpu().clamp(0, 1)
+    if images.shape[1] == 2:
+        images = torch.cat([images, torch.zeros_like(images[:, :1])], 1)
+    if images.shape[1] not in (1, 3):
+        raise ValueError(f"images: expected 1, 2 or 3 channels, got {images.shape[1]}")
+    return (images * 255).byte().permute(0, 2, 3, 1).squeeze(3)
+
+
+def _tile(images, side, boxes=None):
+    """(n, c, h, w) in [0, 1] -> one row image, each cell resized to side x side (nearest); grey
+    for one channel, RGB for two (red, green) or three. ``boxes``: per cell, a list of (box, colour),
+    box = (x0, y0, x1, y1) in the image's pixels, drawn as rectangles."""
     cells = F.interpolate(images.float().cpu(), size=(side, side), mode="nearest")
-    row = torch.cat(list(F.pad(cells, (2, 2, 2, 2), value=0.35)[:, 0]), dim=1)
-    return Image.fromarray((row.clamp(0, 1) * 255).byte().numpy(), mode="L")
+    row = torch.cat(list(F.pad(cells, (2, 2, 2, 2), value=0.35)), dim=2)[None]
+    tile = Image.fromarray(to_image(row)[0].numpy(), mode="L" if images.shape[1] == 1 else "RGB")
+    if boxes:
+        tile = tile.convert("RGB")
+        draw = ImageDraw.Draw(tile)
+        zoom_y, zoom_x = side / images.shape[-2], side / images.shape[-1]
+        for i, cell in enumerate(boxes):
+            for (x0, y0, x1, y1), colour in cell:
+                left = i * (side + 4) + 2
+                draw.rectangle([left + x0 * zoom_x, 2 + y0 * zoom_y, left + x1 * zoom_x - 1, 2 + y1 * zoom_y - 1],
+                               outline=colour)
+    return tile
 
 
 CAPTION_LINE = 14
 
 
-def draw_figure(path, distortion, inputs, outputs, side=84, captions=()):
+def draw_figure(path, distortion, inputs, outputs, side=84, captions=(), title=None, boxes=None,
+                input_label="input"):
     """Inputs on the first row, then each transformer's output on its own row, labelled; then the
-    ``captions`` (lines of text: what was measured), one per line."""
-    rows = [("input", inputs)] + list(outputs.items())
+    ``captions`` (lines of text: what was measured), one per line. Two-channel images are shown red
+    and green (see :func:`to_image`); ``boxes``: {row label: boxes per cell} drawn on those rows (see
+    :func:`_tile`)."""
+    rows = [(input_label, inputs)] + list(outputs.items())
     label_w = 110
-    tiles = [(name, _tile(imgs, side)) for name, imgs in rows]
+    tiles = [(name, _tile(imgs, side, (boxes or {}).get(name))) for name, imgs in rows]
     width = label_w + max(t.width for _, t in tiles)
     body = 24 + sum(t.height for _, t in tiles)
-    fig = Image.new("L", (width, body + (CAPTION_LINE * len(captions) + 8 if captions else 0)), 255)
+    mode = "L" if all(t.mode == "L" for _, t in tiles) else "RGB"
+    fig = Image.new(mode, (width, body + (CAPTION_LINE * len(captions) + 8 if captions else 0)), "white")
     draw = ImageDraw.Draw(fig)
-    draw.text((4, 6), f"distortion {distortion}: inputs (top) and what each transformer made of them", fill=0)
+    title = title or f"distortion {distortion}: inputs (top) and what each transformer made of them"
+    draw.text((4, 6), title, fill="black")
     y = 24
     for name, tile in tiles:
-        draw.text((4, y + tile.height // 2 - 6), name, fill=0)
+        draw.text((4, y + tile.height // 2 - 6), name, fill="black")
         fig.paste(tile, (label_w, y))
         y += tile.height
     for i, line in enumerate(captions):
-        draw.text((4, body + 4 + i * CAPTION_LINE), line, fill=0)
+        draw.text((4, body + 4 + i * CAPTION_LINE), line, fill="black")
     fig.save(path)
 
 
@@ -565,41 +684,169 @@ def _print(*args):
     print(*args, flush=True)  # a log file sees each line when it happens, not at exit
 
 
+class Session:
+    """What every task's run shares: the output folder, the data (loaded, split, objects measured) and
+    the log lines saying so, the code version, the progress bar (on a terminal only) and, at the end,
+    results.json and table.md."""
+
+    def __init__(self, cfg, log, out, digits, objects, code, started):
+        self.cfg, self.log, self.out, self.digits, self.objects, self.code = cfg, log, out, digits, objects, code
+        self.started, self.bar, self.say = started, None, log
+
+    @classmethod
+    def start(cls, cfg, log=_print):
+        out = Path(cfg.out)
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        code = code_version()
+        digits, objects = load_data(cfg)
+        _DATA[_data_key(cfg)] = digits
+        n_val = 0 if digits.val_y is None else len(digits.val_y)
+        log(f"data: {digits.name}, {len(digits.train_y)} train / {n_val} validation / {len(digits.test_y)} test "
+            f"images; device {cfg.device}, {torch.get_num_threads()} threads, "
+            f"backend {st.backend(torch.empty(0, device=cfg.device))}")
+        how = (f"measured: {OBJECT_PERCENTILE:g}th percentile of the ink radius over the training images, "
+               f"{objects['radius_px']:.1f} px from the frame's centre" if objects["measured"] else "given")
+        kept = "within the circle of 14 px no distortion crops: used as they are" if objects["object_scale"] == 1 \
+            else f"shrunk by {objects['object_scale']:.3f} before each distortion, into the circle of 14 px none crops"
+        log(f"objects ({how}): {kept}")
+        return cls(cfg, log, out, digits, objects, code, started)
+
+    def open_bar(self, epochs):
+        """A progress bar over ``epochs`` epochs in all, when ``cfg.progress`` and on a terminal; ``say``
+        then writes above it."""
+        if self.cfg.progress and _interactive():
+            self.bar = tqdm(total=epochs, unit="epoch", dynamic_ncols=True)
+            if self.log is _print:
+                self.say = self.bar.write
+
+    def describe(self, text):
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def elapsed(self):
+        return time.perf_counter() - self.started
+
+    def finish(self, results, table, note, extra=None, extra_files=""):
+        """Close the bar; write results.json (``extra``: more top-level entries) and table.md (``note``,
+        then ``table``); log the table; return the summary."""
+        if self.bar is not None:
+            self.bar.close()
+        cfg, digits = self.cfg, self.digits
+        total = self.elapsed()
+        n_val = 0 if digits.val_y is None else len(digits.val_y)
+        summary = {
+            "config": asdict(cfg),
+            "data": {"name": digits.name, "train": len(digits.train_y), "validation": n_val,
+                     "test": len(digits.test_y)},
+            "objects": self.objects,
+            "code": self.code,
+            "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "threads": torch.get_num_threads(), "device": cfg.device,
+                        "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None,
+                        "torch": torch.__version__},
+            "seconds": round(total, 1),
+            **(extra or {}),
+            "results": results,
+            "table": table,
+        }
+        (self.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (self.out / "table.md").write_text(f"{note}\n\n{table}\n")
+        self.log("\n" + table)
+        self.log(f"\nwrote {self.out / 'table.md'}, {self.out / 'results.json'}, {self.out / 'figures'}/"
+                 + extra_files + f" in {total:.0f} s")
+        return summary
+
+
+_DATA = {}  # the data of each configuration, loaded once per process (see task_data)
+
+
+def _data_key(cfg):
+    return (cfg.data, cfg.train_limit, cfg.test_limit, cfg.val_fraction, cfg.object_scale)
+
+
+def task_data(cfg):
+    """The data of ``cfg`` (:func:`load_data`'s digits), loaded once per process."""
+    key = _data_key(cfg)
+    if key not in _DATA:
+        _DATA[key] = load_data(cfg)[0]
+    return _DATA[key]
+
+
+def _worker_start(threads, parent):
+    """A worker of :func:`run_jobs`: ``threads`` CPU threads, and gone as soon as its parent is (a
+    killed or interrupted run leaves nothing training)."""
+    torch.set_num_threads(threads)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def run_jobs(fn, jobs, cfg, bar=None, epochs=None, done=None):
+    """``fn(cfg, job, bar)`` for each of ``jobs`` (each a tuple of picklable arguments; ``fn`` a
+    module-level function, whose own results are picklable too); returns the results in the order
+    of ``jobs``. ``done(job, result)`` is called in this process as each finishes.
+
+    With ``cfg.workers`` > 1 (0: one per CPU thread on the CPU, at most one per job; 1 on a GPU),
+    the jobs run in that many spawned processes, the CPU threads shared out among them; each reads
+    the data itself (:func:`task_data`) and ``bar`` advances by ``epochs(job)`` as each finishes;
+    in this process ``fn`` gets the bar and advances it itself."""
+    jobs = list(jobs)
+    workers = cfg.workers
+    if workers == 0:
+        workers = torch.get_num_threads() if cfg.device == "cpu" else 1
+    workers = max(1, min(workers, len(jobs)))
+    if workers == 1:
+        results = []
+        for job in jobs:
+            results.append(fn(cfg, job, bar))
+            if done is not None:
+                done(job, results[-1])
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    threads = max(1, torch.get_num_threads() // workers)
+    results = [None] * len(jobs)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                               initargs=(threads, os.getpid()))
+    try:
+        running = {pool.submit(fn, cfg, job, None): i for i, job in enumerate(jobs)}
+        for future in as_completed(running):
+            i = running[future]
+            results[i] = future.result()
+            if bar is not None and epochs is not None:
+                bar.update(epochs(jobs[i]))
+            if done is not None:
+                done(jobs[i], results[i])
+    except BaseException:  # a failed run or an interrupt: nothing more starts; the workers go with us
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
+
+
 def run(cfg, log=_print):
     """Run the experiment described by ``cfg``; write results.json, table.md, figures/*.png (and with
     ``cfg.save_models`` models/*.pt) under ``cfg.out``; return the results dict. ``log`` gets one line
     per finished run; progress bars appear only when ``cfg.progress`` and stdout and stderr are a
     terminal."""
-    out = Path(cfg.out)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    code = code_version()
-    digits, objects = load_data(cfg)
-    n_val = 0 if digits.val_y is None else len(digits.val_y)
-    log(f"data: {digits.name}, {len(digits.train_y)} train / {n_val} validation / {len(digits.test_y)} test images; "
-        f"device {cfg.device}, {torch.get_num_threads()} threads, "
-        f"backend {st.backend(torch.empty(0, device=cfg.device))}")
-    how = (f"measured: {OBJECT_PERCENTILE:g}th percentile of the ink radius over the training images, "
-           f"{objects['radius_px']:.1f} px from the frame's centre" if objects["measured"] else "given")
-    kept = "within the circle of 14 px no distortion crops: used as they are" if objects["object_scale"] == 1 else \
-        f"shrunk by {objects['object_scale']:.3f} before each distortion, into the circle of 14 px none crops"
-    log(f"objects ({how}): {kept}")
-    runs = [(d, m, s) for d in cfg.distortions for s in cfg.seeds for m in cfg.models]
+    session = Session.start(cfg, log)
+    session.open_bar(len(cfg.distortions) * len(cfg.seeds) * len(cfg.models) * cfg.epochs)
+    digits, out, bar = session.digits, session.out, session.bar
     results = []
-    bars = cfg.progress and _interactive()
-    bar = tqdm(total=len(runs) * cfg.epochs, unit="epoch", dynamic_ncols=True) if bars else None
-    say = bar.write if bar is not None and log is _print else log
     for d in cfg.distortions:
         fig_outputs, fig_inputs, captions = {}, None, []
         for s in cfg.seeds:
             for m in cfg.models:
-                if bar is not None:
-                    bar.set_description(f"{d} {m} seed {s}")
+                session.describe(f"{d} {m} seed {s}")
                 t = train_one(m, d, s, digits, cfg, bar)
                 r = {"distortion": d, "model": m, "seed": s, "error": t.error, "val_error": t.val_error,
                      "params": count_parameters(t.model), "train_seconds": round(t.seconds, 2),
                      "kept_epoch": t.kept_epoch, "train_loss": [round(v, 5) for v in t.train_loss],
-                     "val_errors": [round(v, 3) for v in t.val_errors], "code": code}
+                     "val_errors": [round(v, 3) for v in t.val_errors], "code": session.code}
                 if d in ROTATING:
                     if hasattr(t.model, "transformer") and t.model.transformer.family.name == "affine":
                         r["rotation"] = rotation_report(t.model, t.test_x, t.test_params["angle"],
@@ -612,7 +859,7 @@ def run(cfg, log=_print):
                                       cfg.st_size, digits.num_classes, distortion=d, seed=s, error=t.error)
                     r["model_file"] = str(path.relative_to(out))
                 results.append(r)
-                say(_run_line(r))
+                session.say(_run_line(r))
                 if s == cfg.seeds[0] and hasattr(t.model, "transformer"):
                     fig_inputs = t.test_x[:cfg.figure_count].cpu()
                     with torch.no_grad():
@@ -622,27 +869,6 @@ def run(cfg, log=_print):
         if fig_inputs is None:  # no transformer among the models: still show the inputs
             fig_inputs = distorted_test_set(d, digits.limit(test=cfg.figure_count), cfg.seeds[0], cfg)[0]
         draw_figure(out / "figures" / f"{d}.png", d, fig_inputs, fig_outputs, captions=captions)
-    if bar is not None:
-        bar.close()
     table = format_table(results, cfg)
-    total = time.perf_counter() - started
-    summary = {
-        "config": asdict(cfg),
-        "data": {"name": digits.name, "train": len(digits.train_y), "validation": n_val, "test": len(digits.test_y)},
-        "objects": objects,
-        "code": code,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "threads": torch.get_num_threads(), "device": cfg.device,
-                    "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None,
-                    "torch": torch.__version__},
-        "seconds": round(total, 1),
-        "results": results,
-        "table": table,
-    }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    note = _table_note(cfg, digits, cfg.epochs, total)
-    (out / "table.md").write_text(f"{note}\n\n{table}\n")
-    log("\n" + table)
-    log(f"\nwrote {out / 'table.md'}, {out / 'results.json'}, {out / 'figures'}/"
-        + (f" and {out / 'models'}/" if cfg.save_models else "") + f" in {total:.0f} s")
-    return summary
+    return session.finish(results, table, _table_note(cfg, digits, cfg.epochs, session.elapsed()),
+                          extra_files=f" and {out / 'models'}/" if cfg.save_models else "")

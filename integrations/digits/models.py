@@ -40,47 +40,54 @@ def base_model(name):
     return BASE.get(name.rsplit("-", 1)[0], name)
 
 
-def fcn(side, hidden=128, classes=10):
-    return nn.Sequential(nn.Flatten(), nn.Linear(side * side, hidden), nn.ReLU(True), nn.Linear(hidden, hidden),
-                         nn.ReLU(True), nn.Linear(hidden, classes))
+def fcn(side, hidden=128, classes=10, channels=1):
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, hidden), nn.ReLU(True),
+                         nn.Linear(hidden, hidden), nn.ReLU(True), nn.Linear(hidden, classes))
 
 
-def cnn(side, width=(16, 32), classes=10):
+def cnn(side, width=(16, 32), classes=10, channels=1, norm=False, hidden=None):
+    """Two 5 x 5 convolutions (each with ReLU and 2 x 2 max pooling; ``norm``: batch normalisation
+    after each), then a linear layer (``hidden``: two, with that many hidden units and a ReLU)."""
     a, b = width
     after = (side // 2) // 2
-    return nn.Sequential(
-        nn.Conv2d(1, a, 5, padding=2), nn.ReLU(True), nn.MaxPool2d(2),
-        nn.Conv2d(a, b, 5, padding=2), nn.ReLU(True), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(b * after * after, classes),
-    )
+
+    def bn(c):
+        return [nn.BatchNorm2d(c)] if norm else []
+    convs = [nn.Conv2d(channels, a, 5, padding=2), *bn(a), nn.ReLU(True), nn.MaxPool2d(2),
+             nn.Conv2d(a, b, 5, padding=2), *bn(b), nn.ReLU(True), nn.MaxPool2d(2), nn.Flatten()]
+    head = [nn.Linear(b * after * after, classes)] if not hidden else [  # made after the convolutions (the
+        nn.Linear(b * after * after, hidden), nn.ReLU(True), nn.Linear(hidden, classes)]  # seeded init's order)
+    return nn.Sequential(*convs, *head)
 
 
-def classifier(kind, side, classes=10):
+def classifier(kind, side, classes=10, channels=1):
     """The classifier of ``kind`` (FCN or CNN) on ``side`` px: the same in the baseline and the STs."""
-    return fcn(side, classes=classes) if kind == "FCN" else cnn(side, classes=classes)
+    return fcn(side, classes=classes, channels=channels) if kind == "FCN" else cnn(side, classes=classes,
+                                                                                    channels=channels)
 
 
-def localization(kind, side):
+def localization(kind, side, channels=1):
     """A small localisation network ending in 32 features."""
     if kind == "FCN":
-        return nn.Sequential(nn.Flatten(), nn.Linear(side * side, 32), nn.ReLU(True), nn.Linear(32, 32),
+        return nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, 32), nn.ReLU(True), nn.Linear(32, 32),
                              nn.ReLU(True))
     return nn.Sequential(
-        nn.MaxPool2d(2), nn.Conv2d(1, 8, 5, padding=2), nn.ReLU(True), nn.MaxPool2d(2),
+        nn.MaxPool2d(2), nn.Conv2d(channels, 8, 5, padding=2), nn.ReLU(True), nn.MaxPool2d(2),
         nn.Conv2d(8, 16, 5, padding=2), nn.ReLU(True), nn.AdaptiveAvgPool2d(3), nn.Flatten(),
         nn.Linear(16 * 9, 32), nn.ReLU(True),
     )
 
 
-def residual_stage(kind, size, width):
-    """The baselines' learnt stage on the resampled (size x size) image: its last layer is zero, so
-    it starts as nothing."""
+def residual_stage(kind, size, width, channels=1):
+    """The baselines' learnt stage on the resampled (size x size) image of ``channels`` channels: its
+    last layer is zero, so it starts as nothing."""
     if kind == "FCN":
-        last = nn.Linear(width, size * size)
-        layers = [nn.Flatten(), nn.Linear(size * size, width), nn.ReLU(True), last, nn.Unflatten(1, (1, size, size))]
+        last = nn.Linear(width, channels * size * size)
+        layers = [nn.Flatten(), nn.Linear(channels * size * size, width), nn.ReLU(True), last,
+                  nn.Unflatten(1, (channels, size, size))]
     else:  # at half resolution, then back up (the cost of a full-resolution stage is three classifiers')
-        last = nn.Conv2d(width, 1, 5, padding=2)
-        layers = [nn.AvgPool2d(2), nn.Conv2d(1, width, 5, padding=2), nn.ReLU(True),
+        last = nn.Conv2d(width, channels, 5, padding=2)
+        layers = [nn.AvgPool2d(2), nn.Conv2d(channels, width, 5, padding=2), nn.ReLU(True),
                   nn.Conv2d(width, width, 5, padding=2), nn.ReLU(True), last,
                   nn.Upsample(size=(size, size), mode="bilinear", align_corners=False)]
     nn.init.zeros_(last.weight)
@@ -100,12 +107,14 @@ def localization_parameters(kind, side, transform="affine", grid_size=(4, 4)):
     return _count(localization(kind, side)) + 32 * p + p
 
 
-def matched_width(kind, side, size):
-    """The baseline's residual-stage width whose parameter count is nearest the affine ST's
-    localisation network on a ``side`` px canvas."""
-    target = localization_parameters(kind, side)
+def matched_width(kind, side, size, target=None, make=None):
+    """The baseline's residual-stage width whose parameter count is nearest ``target`` (default: the
+    affine ST's localisation network on a ``side`` px canvas); ``make(width)`` builds what is counted
+    (default: the residual stage of ``kind`` on ``size`` px)."""
+    target = localization_parameters(kind, side) if target is None else target
+    make = make or (lambda w: residual_stage(kind, size, w))
     widths = range(1, 512) if kind == "FCN" else range(1, 128)
-    return min(widths, key=lambda w: abs(_count(residual_stage(kind, size, w)) - target))
+    return min(widths, key=lambda w: abs(_count(make(w)) - target))
 
 
 def resample(x, size):
@@ -118,7 +127,8 @@ def resample(x, size):
 
 
 class Baseline(nn.Module):
-    """FCN or CNN: the canvas resampled to the classifier's size, a learnt residual stage, the classifier."""
+    """FCN or CNN: the canvas resampled to the classifier's size, a learnt residual stage (or none:
+    ``stage=None``), the classifier."""
 
     def __init__(self, size, stage, classifier):
         super().__init__()
@@ -127,7 +137,7 @@ class Baseline(nn.Module):
     def front(self, x):
         """What the classifier sees."""
         r = resample(x, self.size)
-        return r + self.stage(r)
+        return r if self.stage is None else r + self.stage(r)
 
     def forward(self, x):
         return self.classifier(self.front(x))
@@ -140,8 +150,14 @@ class STClassifier(nn.Module):
         super().__init__()
         self.transformer, self.classifier = transformer, classifier
 
+    def front(self, x):
+        """What the classifier sees: the transformer's output; with K > 1 transformers their K outputs
+        (N, K, C, H, W) side by side on the channels (N, K * C, H, W)."""
+        out = self.transformer(x)
+        return out.flatten(1, 2) if out.dim() == 5 else out
+
     def forward(self, x):
-        return self.classifier(self.transformer(x))
+        return self.classifier(self.front(x))
 
     def parameter_groups(self, lr, localization_lr_scale=0.1):
         groups = self.transformer.parameter_groups(lr, localization_lr_scale)

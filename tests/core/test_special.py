@@ -48,6 +48,32 @@ def test_nonfinite_parameters(device, form, padding_mode, mode):
         assert_close(g, w, torch.float32, "grad params", scale_by_max=True, equal_nan=True)
 
 
+def test_reference_skips_sanitizing_ordinary_grids_only():
+    """The reference path's shortcut: a CPU grid of finite coordinates within reach is sampled as it is
+    (the very tensor); one NaN, inf or coordinate beyond 2^30 pixels anywhere takes the full rules,
+    in 2-D and 3-D, and the outputs equal PyTorch's for the ordinary grid."""
+    from stn_triton import reference
+
+    g = torch.rand(2, 1, 5, 6, 2) * 8 - 4  # out of range, but finite and near
+    assert reference._sanitize(g, (7, 8), "zeros", False) == (g, None)
+    assert reference._sanitize(g, (7, 8), "border", True)[0] is g
+    for bad in (float("nan"), float("inf"), -float("inf"), 2.0 ** 30):
+        h = g.clone()
+        h[1, 0, 4, 5, 1] = bad
+        s, ok = reference._sanitize(h, (7, 8), "zeros", False)
+        assert s is not h and not ok[1, 0, 4, 5] and ok.sum() == ok.numel() - 1
+        assert reference._sanitize(h, (7, 8), "reflection", False)[0] is not h
+    g3 = torch.rand(1, 1, 2, 3, 4, 3) * 4 - 2
+    assert reference._sanitize3d(g3, (3, 4, 5), "zeros", True) == (g3, None)
+    g3[0, 0, 1, 2, 3, 2] = float("nan")
+    assert reference._sanitize3d(g3, (3, 4, 5), "zeros", True)[1] is not None
+    assert reference._sanitize(torch.empty(0, 1, 2, 2, 2), (3, 3), "zeros", False)[1] is not None
+    x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
+    out = reference.sample(x, g.double(), "bilinear", "zeros", False)
+    want = F.grid_sample(x, g.double()[:, 0], align_corners=False)
+    assert torch.equal(out[:, 0], want)
+
+
 def test_zeros_padding_nan_gives_zero(device):
     x = torch.randn(1, 2, 4, 5, device=device)
     theta = torch.full((1, 2, 3), float("nan"), device=device)
