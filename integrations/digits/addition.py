@@ -34,7 +34,7 @@ import stn_triton as st
 
 from .distortions import FULL_ANGLE, distort
 from .experiment import (Session, TaskConfig, _gen, _mean_sd, _median, _print, _seed, affine_theta, check_choices,
-                         curriculum_angle, draw_figure, error_cell, evaluate, fit, paired_cell, run_jobs, task_data)
+                         curriculum_angle, draw_figure, error_cell, evaluate, fit, paired_cell, task_data)
 from .models import (Baseline, STClassifier, _count, cnn, count_parameters, fcn, localization, matched_width,
                      residual_stage)
 
@@ -354,15 +354,7 @@ def run(cfg, log=_print):
     ``cfg.out``; return the results dict (``log`` and the progress bars as in the main job; the runs
     trained ``cfg.workers`` at once)."""
     session = Session.start(cfg, log)
-    session.open_bar(len(cfg.seeds) * len(cfg.models) * cfg.epochs)
-    session.describe(f"addition: {len(cfg.seeds) * len(cfg.models)} runs")
-
-    def done(job, out):
-        out[0]["code"] = session.code
-        session.say(_run_line(out[0]))
-
-    jobs = [(m, s) for s in cfg.seeds for m in cfg.models]
-    outs = run_jobs(_job, jobs, cfg, session.bar, lambda job: cfg.epochs, done)
+    outs = session.train_models(_job, _run_line, "addition")
     results = [r for r, _ in outs]
     fig_inputs, fig_outputs, captions = None, {}, []
     for r, fig in outs:

@@ -720,6 +720,20 @@ class Session:
             if self.log is _print:
                 self.say = self.bar.write
 
+    def train_models(self, fn, run_line, name):
+        """Every (model, seed) run of the task (``cfg.models`` x ``cfg.seeds``): ``fn(cfg, (model, seed),
+        bar)`` -> (result dict, ...) through :func:`run_jobs`, with the progress bar and one logged line
+        per run (``run_line(result)``); returns their outputs in (seed, model) order."""
+        cfg = self.cfg
+        jobs = [(m, s) for s in cfg.seeds for m in cfg.models]
+        self.open_bar(len(jobs) * cfg.epochs)
+        self.describe(f"{name}: {len(jobs)} runs")
+
+        def done(job, out):
+            out[0]["code"] = self.code
+            self.say(run_line(out[0]))
+        return run_jobs(fn, jobs, cfg, self.bar, lambda job: cfg.epochs, done)
+
     def describe(self, text):
         if self.bar is not None:
             self.bar.set_description(text)

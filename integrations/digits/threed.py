@@ -57,7 +57,7 @@ import stn_triton as st
 
 from .data import FRAME
 from .experiment import (Session, TaskConfig, _data_key, _gen, _mean_sd, _median, _print, _seed, check_choices,
-                         draw_figure, error_cell, evaluate, fit, paired_cell, run_jobs, task_data)
+                         draw_figure, error_cell, evaluate, fit, paired_cell, task_data)
 from .models import Baseline, STClassifier, _count, cnn, count_parameters, matched_width, residual_stage
 
 MODELS = ("CNN", "ST-CNN-att3d", "ST-CNN-3d")
@@ -473,15 +473,7 @@ def run(cfg, log=_print):
     return the results dict (``log`` and the progress bars as in the main job; the runs trained
     ``cfg.workers`` at once, each process rendering the volumes of the seeds it trains)."""
     session = Session.start(cfg, log)
-    session.open_bar(len(cfg.seeds) * len(cfg.models) * cfg.epochs)
-    session.describe(f"3d: {len(cfg.seeds) * len(cfg.models)} runs")
-
-    def done(job, out):
-        out[0]["code"] = session.code
-        session.say(_run_line(out[0]))
-
-    jobs = [(m, s) for s in cfg.seeds for m in cfg.models]
-    outs = run_jobs(_job, jobs, cfg, session.bar, lambda job: cfg.epochs, done)
+    outs = session.train_models(_job, _run_line, "3d")
     results = [r for r, _ in outs]
     rows, captions = {}, []
     for r, fig in outs:
