@@ -260,6 +260,8 @@ def test_task_configs_refuse_bad_values():
         A.AdditionConfig(workers=-1)
     with pytest.raises(ValueError, match="models: expected some of"):
         A.AdditionConfig(models=("CNN", "ST-CNN-aff"))
+    with pytest.raises(ValueError, match="warmup: expected a number of epochs >= 0, got -1"):
+        A.AdditionConfig(warmup=-1)
     with pytest.raises(ValueError, match="canvas and window"):
         C.ColocalisationConfig(window=60)
 
