@@ -84,6 +84,9 @@ def metadata(cfg, argv, copy):
     cuda = dev.type == "cuda"
     props = torch.cuda.get_device_properties(dev) if cuda else None
     commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    if commit is None and os.environ.get("STN_TRITON_COMMIT", "unknown") != "unknown":
+        commit = os.environ["STN_TRITON_COMMIT"]  # a copy of the tree without .git (scripts/gpu-check.sh)
     meta = {
         "timestamp_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "device": str(dev),
@@ -97,7 +100,7 @@ def metadata(cfg, argv, copy):
         "kornia": _version("kornia"),
         "python": platform.python_version(),
         "git_commit": commit,
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
+        "git_dirty": dirty,
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),

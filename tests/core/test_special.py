@@ -284,6 +284,24 @@ def test_devices_must_match():
 
 
 @pytest.mark.gpu
+def test_atomic_backward_is_really_nondeterministic():
+    """The default backward accumulates the input's gradient with atomics, in whatever order the GPU
+    runs them: a heavily contended case (6 x 7 inputs zoomed to 256 x 256, about 1,500 writes per
+    input pixel, float32) gives gradients that differ somewhere in the last bits between repeated
+    runs. If they never do, either the atomics are not used or the deterministic mode is a no-op
+    distinction: both worth knowing."""
+    torch.use_deterministic_algorithms(False)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 8, 6, 7, generator=gen).cuda().requires_grad_()
+    theta = (torch.tensor([[0.9, 0.1, 0.05], [-0.1, 0.9, 0.0]]) + 0.02 * torch.randn(4, 2, 3, generator=gen)).cuda()
+    grad_out = torch.randn(4, 8, 256, 256, generator=gen).cuda()
+    grads = [torch.autograd.grad(st.affine_sample(x, theta, (256, 256)), x, grad_out)[0] for _ in range(20)]
+    assert any(not torch.equal(grads[0], g) for g in grads[1:])
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0])  # the same up to summation order
+
+
+@pytest.mark.gpu
 def test_more_than_2_31_elements():
     """64-bit offsets: an input of 2^31 + elements; sample its far corners."""
     H, W = 46341, 46341  # H*W > 2^31

@@ -1,0 +1,34 @@
+"""scripts/gpu-check.sh, issue 10's one-call GPU check, exercised on the CPU with a tiny selection:
+it writes the machine's description, the test log and the benchmark's files where it is told, keeps
+going after a failed step, and exits with that step's status."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(out, tests):
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_WORKERS="0", GPU_CHECK_TESTS=tests,
+               GPU_CHECK_BENCH="--cases mnist --device cpu --modes fwd --providers eager --dtypes float32",
+               STN_TRITON_COMMIT="0123456789abcdef")
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu-check.sh"), str(out)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd="/")
+
+
+def test_gpu_check_writes_what_it_says(tmp_path):
+    done = _run(tmp_path / "ok", "tests/test_cli_help.py")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = tmp_path / "ok"
+    assert "commit 0123456789abcdef" in (out / "machine.txt").read_text()
+    assert "== tests: exit 0" in (out / "pytest.log").read_text() and " passed" in (out / "pytest.log").read_text()
+    files = sorted(p.suffix for p in (out / "bench").iterdir())
+    assert files == [".csv", ".json", ".md", ".png", ".png"]
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8  # what the device tool brings back
+    failed = _run(tmp_path / "bad", "tests/no_such_test_file.py")
+    assert failed.returncode != 0
+    assert re.search(r"== tests: exit [1-9]", (tmp_path / "bad" / "pytest.log").read_text())
+    assert "== bench: exit 0" in (tmp_path / "bad" / "bench.log").read_text()  # the next step still ran
