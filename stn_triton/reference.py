@@ -70,17 +70,18 @@ def _ordinary(grid, sizes):
     return bool(lo > -bound) and bool(hi < bound)
 
 
-def _sanitize(grid, size_hw, padding_mode, align_corners):
+def _sanitize(grid, size, padding_mode, align_corners):
     """Replace non-finite coordinates by finite ones with the same forward, and a zero gradient.
 
-    Returns the grid to sample with and, for zeros padding, the mask of pixels that read anything.
+    ``size``: the sampled image's (H, W) or volume's (D, H, W); the grid's last axis is (x, y[, z]),
+    and the rules are the same on every axis. Returns the grid to sample with and, for zeros
+    padding, the mask of pixels that read anything.
     """
-    H, W = size_hw
-    if _ordinary(grid, size_hw):
+    if _ordinary(grid, size):
         return grid, None
-    scale = grid.new_tensor([(W - 1) / 2 if align_corners else W / 2,
-                             (H - 1) / 2 if align_corners else H / 2])
-    offset = grid.new_tensor([(W - 1) / 2, (H - 1) / 2])
+    sizes = grid.new_tensor(size[::-1])  # per grid axis: W, H[, D]
+    scale = (sizes - 1) / 2 if align_corners else sizes / 2
+    offset = (sizes - 1) / 2
     finite = torch.isfinite(grid)
     if padding_mode == "zeros":
         pix = grid * scale + offset
@@ -97,21 +98,23 @@ def _sanitize(grid, size_hw, padding_mode, align_corners):
         # (bicubic: the tap there, of weight 1, reflects to pixel 0).
         far = torch.full_like(grid, -1.0)
         if not align_corners:
-            far = far - 1.0 / grid.new_tensor([W, H])
+            far = far - 1.0 / sizes
     return torch.where(finite, grid, far), None
 
 
 def sample(x, grid, mode, padding_mode, align_corners):
-    """x (N, C, H, W), grid (N, K, Ho, Wo, 2) -> (N, K, C, Ho, Wo), autograd-able; any mode of
-    ``F.grid_sample`` for 4-D input (bilinear, nearest, bicubic)."""
-    N, C, H, W = x.shape
-    K, Ho, Wo = grid.shape[1:4]
+    """x (N, C, H, W), grid (N, K, Ho, Wo, 2) -> (N, K, C, Ho, Wo), or one dimension up: x (N, C, D,
+    H, W), grid (N, K, Do, Ho, Wo, 3) -> (N, K, C, Do, Ho, Wo); autograd-able; any mode of
+    ``F.grid_sample`` for the input's dimensions (4-D: bilinear, nearest, bicubic; 5-D: "bilinear"
+    is trilinear, as PyTorch names it, and nearest)."""
+    N, C, *size = x.shape
+    K, out_size = grid.shape[1], grid.shape[2:-1]
     compute = torch.float32 if (x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu") else x.dtype
-    g, ok = _sanitize(grid.to(compute), (H, W), padding_mode, align_corners)
-    xs = x.to(compute)[:, None].expand(N, K, C, H, W).reshape(N * K, C, H, W)
-    out = F.grid_sample(xs, g.reshape(N * K, Ho, Wo, 2), mode=mode, padding_mode=padding_mode,
+    g, ok = _sanitize(grid.to(compute), tuple(size), padding_mode, align_corners)
+    xs = x.to(compute)[:, None].expand(N, K, C, *size).reshape(N * K, C, *size)
+    out = F.grid_sample(xs, g.reshape(N * K, *out_size, grid.shape[-1]), mode=mode, padding_mode=padding_mode,
                         align_corners=align_corners)
-    out = out.reshape(N, K, C, Ho, Wo)
+    out = out.reshape(N, K, C, *out_size)
     if ok is not None:
         out = torch.where(ok[:, :, None], out, torch.zeros_like(out))
     return out.to(x.dtype)
@@ -166,45 +169,6 @@ def basis_grid3d(m, basis, size):
     return torch.einsum("nkcd,dp->nkpc", m, basis).reshape(N, K, *size, 3)
 
 
-def _sanitize3d(grid, size_dhw, padding_mode, align_corners):
-    """:func:`_sanitize` for a (..., 3) grid over a (D, H, W) volume: the same rules per axis."""
-    D, H, W = size_dhw
-    if _ordinary(grid, size_dhw):
-        return grid, None
-    sizes = grid.new_tensor([W, H, D])  # the grid's axes are x, y, z
-    scale = (sizes - 1) / 2 if align_corners else sizes / 2
-    offset = (sizes - 1) / 2
-    finite = torch.isfinite(grid)
-    if padding_mode == "zeros":
-        pix = grid * scale + offset
-        ok = (finite & (pix.abs() < _FAR)).all(dim=-1)
-        return torch.where(ok[..., None], grid, torch.zeros_like(grid)), ok
-    if padding_mode == "border":
-        far = torch.where(grid == float("inf"), 2.0, -2.0).to(grid.dtype)
-    else:
-        far = torch.full_like(grid, -1.0)
-        if not align_corners:
-            far = far - 1.0 / sizes
-    return torch.where(finite, grid, far), None
-
-
-def sample3d(x, grid, mode, padding_mode, align_corners):
-    """x (N, C, D, H, W), grid (N, K, Do, Ho, Wo, 3) -> (N, K, C, Do, Ho, Wo), autograd-able.
-
-    ``mode="bilinear"`` is trilinear interpolation, as PyTorch names it for 5-D input."""
-    N, C, D, H, W = x.shape
-    K, Do, Ho, Wo = grid.shape[1:5]
-    compute = torch.float32 if (x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu") else x.dtype
-    g, ok = _sanitize3d(grid.to(compute), (D, H, W), padding_mode, align_corners)
-    xs = x.to(compute)[:, None].expand(N, K, C, D, H, W).reshape(N * K, C, D, H, W)
-    out = F.grid_sample(xs, g.reshape(N * K, Do, Ho, Wo, 3), mode=mode, padding_mode=padding_mode,
-                        align_corners=align_corners)
-    out = out.reshape(N, K, C, Do, Ho, Wo)
-    if ok is not None:
-        out = torch.where(ok[:, :, None], out, torch.zeros_like(out))
-    return out.to(x.dtype)
-
-
 def form_grid3d(form, params, size, align_corners):
     """The (N, K, Do, Ho, Wo, 3) grid of a 3-D form from its op-level parameters."""
     if form == "affine3d":
@@ -217,4 +181,4 @@ def form_grid3d(form, params, size, align_corners):
 def form_sample3d(form, x, params, size, mode, padding_mode, align_corners):
     """Reference forward of a 3-D form: x (N, C, D, H, W) -> (N, K, C, Do, Ho, Wo)."""
     grid = form_grid3d(form, params, size, align_corners)
-    return sample3d(x, grid, mode, padding_mode, align_corners)
+    return sample(x, grid, mode, padding_mode, align_corners)

@@ -64,9 +64,9 @@ def test_reference_skips_sanitizing_ordinary_grids_only():
         assert s is not h and not ok[1, 0, 4, 5] and ok.sum() == ok.numel() - 1
         assert reference._sanitize(h, (7, 8), "reflection", False)[0] is not h
     g3 = torch.rand(1, 1, 2, 3, 4, 3) * 4 - 2
-    assert reference._sanitize3d(g3, (3, 4, 5), "zeros", True) == (g3, None)
+    assert reference._sanitize(g3, (3, 4, 5), "zeros", True) == (g3, None)
     g3[0, 0, 1, 2, 3, 2] = float("nan")
-    assert reference._sanitize3d(g3, (3, 4, 5), "zeros", True)[1] is not None
+    assert reference._sanitize(g3, (3, 4, 5), "zeros", True)[1] is not None
     assert reference._sanitize(torch.empty(0, 1, 2, 2, 2), (3, 3), "zeros", False)[1] is not None
     x = torch.randn(2, 3, 7, 8, dtype=torch.float64)
     out = reference.sample(x, g.double(), "bilinear", "zeros", False)
