@@ -52,12 +52,6 @@ def _is_3d(form):
     return form in FORMS_3D
 
 
-def _form_sample(form, x, params, size, mode, padding_mode, align_corners):
-    """The reference forward of any form, 2-D or 3-D."""
-    sample = reference.form_sample3d if _is_3d(form) else reference.form_sample
-    return sample(form, x, params, size, mode, padding_mode, align_corners)
-
-
 def _new_output(form, x, K, size):
     """The output buffer (and layout) every path returns: see launch.new_output / new_output3d."""
     if _is_3d(form):
@@ -82,7 +76,7 @@ def _forward(form, x, params, size, mode, padding_mode, align_corners):
     size = [int(s) for s in size]
     if backend(x) == "reference":
         with torch.no_grad():
-            ref = _form_sample(form, x, params, size, mode, padding_mode, align_corners)
+            ref = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
         return _new_output(form, x, ref.shape[1], size).copy_(ref)  # the layout the fake promises
     return _kernel_forward(form, x, params, size, mode, padding_mode, align_corners)
 
@@ -109,7 +103,7 @@ def _backward(form, grad_out, x, params, size, mode, padding_mode, align_corners
 def _reference_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
     # torch.func.vjp, not torch.autograd.grad: inside a custom op the autograd keys are excluded
     def fn(*inputs):
-        return _form_sample(form, inputs[0], inputs[1:], size, mode, padding_mode, align_corners)
+        return reference.form_sample(form, inputs[0], inputs[1:], size, mode, padding_mode, align_corners)
 
     _, vjp = torch.func.vjp(fn, x, *params)
     grads = []
@@ -188,7 +182,7 @@ def double_backward(form, grad_out, x, params, size, mode, padding_mode, align_c
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in (grad_out, x, *params)]
         go, xs, ps = leaves[0], leaves[1], leaves[2:]
-        out = _form_sample(form, xs, ps, size, mode, padding_mode, align_corners)
+        out = reference.form_sample(form, xs, ps, size, mode, padding_mode, align_corners)
         firsts = torch.autograd.grad(out, [(xs, *ps)[i] for i, _ in pairs], go, create_graph=True, allow_unused=True)
         used = [(f, g) for f, (_, g) in zip(firsts, pairs) if f is not None]
         inputs = [t for t, w in zip(leaves, wanted) if w]
@@ -272,9 +266,9 @@ def reference_forward(form, x, params, size, mode, padding_mode, align_corners):
     if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
         x, params = autocast_inputs(x, params, device_type)
         with torch.autocast(device_type, enabled=False):  # the ops compute in these dtypes too
-            out = _form_sample(form, x, params, size, mode, padding_mode, align_corners)
+            out = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
     else:
-        out = _form_sample(form, x, params, size, mode, padding_mode, align_corners)
+        out = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
     return launch_volume.in_layout_of3d(out, x) if _is_3d(form) else launch.in_layout_of(out, x)
 
 

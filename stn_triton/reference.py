@@ -121,18 +121,19 @@ def sample(x, grid, mode, padding_mode, align_corners):
 
 
 def form_grid(form, params, size, align_corners):
-    """The grid of any form from its op-level parameters (see :mod:`stn_triton.ops`)."""
-    if form == "affine":
-        return affine_grid(params[0], size, align_corners)
+    """The grid of any form, 2-D or 3-D, from its op-level parameters (see :mod:`stn_triton.ops`)."""
+    if form in ("affine", "affine3d"):
+        return (affine_grid3d if form == "affine3d" else affine_grid)(params[0], size, align_corners)
     if form == "projective":
         return projective_grid(params[0], size, align_corners)
-    if form == "basis":
-        return basis_grid(params[0], params[1], size)
+    if form in ("basis", "basis3d"):
+        return (basis_grid3d if form == "basis3d" else basis_grid)(params[0], params[1], size)
     return params[0]
 
 
 def form_sample(form, x, params, size, mode, padding_mode, align_corners):
-    """Reference forward of any form: x (N, C, H, W) -> (N, K, C, Ho, Wo)."""
+    """Reference forward of any form: x (N, C, H, W) -> (N, K, C, Ho, Wo); a 3-D form's x (N, C, D,
+    H, W) -> (N, K, C, Do, Ho, Wo)."""
     grid = form_grid(form, params, size, align_corners)
     return sample(x, grid, mode, padding_mode, align_corners)
 
@@ -167,18 +168,3 @@ def basis_grid3d(m, basis, size):
     """m (N, K, 3, Dm), basis (Dm, Do*Ho*Wo) -> grid (N, K, Do, Ho, Wo, 3)."""
     N, K = m.shape[:2]
     return torch.einsum("nkcd,dp->nkpc", m, basis).reshape(N, K, *size, 3)
-
-
-def form_grid3d(form, params, size, align_corners):
-    """The (N, K, Do, Ho, Wo, 3) grid of a 3-D form from its op-level parameters."""
-    if form == "affine3d":
-        return affine_grid3d(params[0], size, align_corners)
-    if form == "basis3d":
-        return basis_grid3d(params[0], params[1], size)
-    return params[0]
-
-
-def form_sample3d(form, x, params, size, mode, padding_mode, align_corners):
-    """Reference forward of a 3-D form: x (N, C, D, H, W) -> (N, K, C, Do, Ho, Wo)."""
-    grid = form_grid3d(form, params, size, align_corners)
-    return sample(x, grid, mode, padding_mode, align_corners)

@@ -69,7 +69,7 @@ def oracle(form, x, params, size, mode, padding_mode, align_corners):
     as stn_triton.reference documents)."""
     x64 = x.detach().cpu().double().requires_grad_(x.requires_grad)
     p64 = [p.detach().cpu().double().requires_grad_(p.requires_grad) for p in params]
-    return reference.form_sample3d(form, x64, p64, size, mode, padding_mode, align_corners), x64, p64
+    return reference.form_sample(form, x64, p64, size, mode, padding_mode, align_corners), x64, p64
 
 
 def pytorch(form, x, params, size, mode, padding_mode, align_corners):
@@ -402,7 +402,7 @@ def test_double_backward(device, form):
     first = torch.autograd.grad(out, (x, *params), w, create_graph=True)
     x64 = x.detach().double().requires_grad_()
     p64 = [p.detach().double().requires_grad_() for p in params]
-    ref = reference.form_sample3d(form, x64, p64, size, "bilinear", "zeros", False)
+    ref = reference.form_sample(form, x64, p64, size, "bilinear", "zeros", False)
     first64 = torch.autograd.grad(ref, (x64, *p64), w.double(), create_graph=True)
     for a, b in zip(first, first64):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
