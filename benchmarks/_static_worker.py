@@ -5,7 +5,7 @@
 1. installs a fake Triton driver that reports ``GPUTarget("cuda", <arch>, 32)`` and launches nothing,
 2. calls this library's real launchers (``ops._kernel_forward`` / ``ops._kernel_backward``) on meta
    tensors of each case's shapes (5-D for a volumetric case: the 3-D forms ``affine3d``, ``basis3d``,
-   ``grid3d`` and their launchers in ``kernels.launch_volume``), recording every Triton launch (kernel,
+   ``grid3d``), recording every Triton launch (kernel,
    grid, arguments, compiled cubin) and every PyTorch operation that would launch a kernel (fills,
    casts, sums, sorts); a job marked ``skip`` (a form without a 3-D kernel) is echoed, not run,
 3. disassembles each distinct cubin with the ``nvdisasm`` / ``cuobjdump`` that ship with that Triton
@@ -181,10 +181,12 @@ def run_job(job):
 
     launch = _launchers()
     x, params, size = _meta_case(job)
+    new_output = launch.new_output  # (x, K, *size): 2-D and 3-D since the launchers were unified
     if len(size) == 3:
-        from stn_triton.kernels.launch_volume import new_output3d as new_output
-    else:
-        new_output = launch.new_output
+        try:  # revisions with a separate volume launcher
+            from stn_triton.kernels.launch_volume import new_output3d as new_output
+        except ImportError:
+            pass
     launch.STATIC_CHOICE = job.get("choice")  # None: the launchers' default shape
     opts = (job.get("sampling", "bilinear"), job.get("padding_mode", "zeros"), bool(job.get("align_corners", False)))
     steps = {"fwd": ["fwd"], "bwd": ["bwd"], "fwd+bwd": ["fwd", "bwd"], "bwd-det": ["bwd-det"]}[job["mode"]]

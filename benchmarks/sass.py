@@ -263,20 +263,40 @@ def find_loops(func, instrs):
     return loops
 
 
+def _is_static_range(call):
+    """``tl.static_range(...)`` (or ``static_range``): unrolled by Triton's front end, never a SASS loop."""
+    f = call.func
+    return (isinstance(f, ast.Attribute) and f.attr == "static_range") or (isinstance(f, ast.Name)
+                                                                           and f.id == "static_range")
+
+
 @functools.lru_cache(maxsize=64)
-def _for_nodes(path):
-    """{line of a ``for`` statement: (range argument texts, last line of its body)} of a source file."""
+def _parsed(path):
+    """(``for`` nodes, constexpr names) of a source file: {line of a ``for`` statement over a run-time
+    range: (range argument texts, last line of its body)}, and the names annotated ``tl.constexpr``
+    (parameters and locals): bounds made of them are compile-time constants."""
     try:
         with open(path) as f:
             src = f.read()
     except OSError:
-        return {}
-    out = {}
+        return {}, frozenset()
+    out, consts = {}, set()
     for node in ast.walk(ast.parse(src)):
-        if isinstance(node, ast.For) and isinstance(node.iter, ast.Call):
+        if isinstance(node, ast.For) and isinstance(node.iter, ast.Call) and not _is_static_range(node.iter):
             args = [ast.get_source_segment(src, a) for a in node.iter.args]
             out[node.lineno] = (args, node.end_lineno)
-    return out
+        ann = getattr(node, "annotation", None)
+        if ann is not None and ast.get_source_segment(src, ann) in ("tl.constexpr", "constexpr"):
+            name = node.arg if isinstance(node, ast.arg) else getattr(getattr(node, "target", None), "id", None)
+            if name:
+                consts.add(name)
+    return out, frozenset(consts)
+
+
+def _for_nodes(path):
+    """{line of a ``for`` statement: (range argument texts, last line of its body)} of a source file
+    (``tl.static_range`` loops left out: Triton unrolls them before the compiler sees a loop)."""
+    return _parsed(path)[0]
 
 
 def _innermost_for(path, line):
@@ -289,9 +309,19 @@ def _innermost_for(path, line):
 
 
 def _constant_trips(path, line):
-    """Whether the ``for`` at ``path:line`` has literal bounds (``range(0, 4)``): one the compiler may unroll."""
+    """Whether the ``for`` at ``path:line`` has compile-time bounds (``range(0, 4)``, or made of names
+    annotated ``tl.constexpr``: ``range(0, NT ** (NDIM - 1))``): one the compiler may unroll."""
     args, _ = _for_nodes(path)[line]
-    return all(a.lstrip("-").isdigit() for a in args)
+    consts = _parsed(path)[1]
+
+    def constant(text):
+        try:
+            tree = ast.parse(text, mode="eval")
+        except SyntaxError:
+            return False
+        return all(n.id in consts for n in ast.walk(tree) if isinstance(n, ast.Name))
+
+    return all(constant(a) for a in args)
 
 
 def _encloses(path, outer, inner):

@@ -12,9 +12,10 @@ import warnings
 import torch
 
 from . import ops
+from .kernels import forms
 from ._backend import backend
 
-MODES = ("bilinear", "nearest", "bicubic")  # bicubic: 4-D input only (PyTorch's rule)
+MODES = ("bilinear", "nearest", "bicubic")  # on 5-D input: trilinear, nearest, tricubic
 PADDING_MODES = ("zeros", "border", "reflection")
 _MAX_BASIS_NUMEL = 2**31 - 1
 _ALIGN_CORNERS_WARNING = (  # PyTorch's own, word for word, so that filters written for it match ours
@@ -66,19 +67,16 @@ def _check_input_nd(x, name="x"):
 
 
 def _check_options_nd(nd, mode, padding_mode, align_corners, name="x"):
-    """:func:`_check_options` for an input of ``nd`` spatial dimensions: 5-D input has no bicubic
-    sampling (PyTorch's grid_sample has none either)."""
-    if nd == 3 and mode == "bicubic":
-        raise ArgumentError(f"mode: 'bicubic' is for 4-D input only (as in PyTorch's grid_sample); a 5-D {name} "
-                            f"takes 'bilinear' (trilinear) or 'nearest'")
+    """:func:`_check_options` for an input of ``nd`` spatial dimensions. Every mode serves both: on
+    5-D input ``"bilinear"`` is trilinear and ``"bicubic"`` tricubic (64 taps, PyTorch's cubic
+    convolution on each axis)."""
     return _check_options(mode, padding_mode, align_corners)
 
 
 def _check_options(mode, padding_mode, align_corners):
     """Returns align_corners as a bool (None means False, as in PyTorch).
 
-    Accepts every mode of :data:`MODES`; ``"bicubic"`` is for 4-D input only, which the caller
-    checks where it knows the input's dimension (``mode == "bicubic"``)."""
+    Accepts every mode of :data:`MODES`, for 4-D and 5-D input alike."""
     if not isinstance(mode, str) or mode not in MODES:
         raise ArgumentError(f"mode: expected one of {MODES}, got {mode!r}")
     if padding_mode not in PADDING_MODES:
@@ -133,6 +131,8 @@ def _check_params(name, t, x, tail, what, other=None):
 
 _FOR_5D = "that shape is for a 5-D input (N, C, D, H, W)"
 _FOR_4D = "that shape is for a 4-D input (N, C, H, W)"
+# per spatial dimensions of x: (what the expected shape is for, the hint when the other one's is given)
+_INPUT = {2: ("", _FOR_5D), 3: (" for a 5-D input", _FOR_4D)}
 
 
 def _run(form, x, params, size, mode, padding_mode, align_corners, had_k):
@@ -156,11 +156,10 @@ def affine_sample(x, theta, size=None, mode="bilinear", padding_mode="zeros", al
     nd = _check_input_nd(x)
     align_corners = _check_options_nd(nd, mode, padding_mode, align_corners)
     size = _check_size(size, x)
-    if nd == 3:
-        theta, had_k = _check_params("theta", theta, x, (3, 4), "affine matrices for a 5-D input", ((2, 3), _FOR_4D))
-        return _run("affine3d", x, (theta,), size, mode, padding_mode, align_corners, had_k)
-    theta, had_k = _check_params("theta", theta, x, (2, 3), "affine matrices", ((3, 4), _FOR_5D))
-    return _run("affine", x, (theta,), size, mode, padding_mode, align_corners, had_k)
+    f, other = forms.find("affine", nd), forms.find("affine", 5 - nd)
+    theta, had_k = _check_params("theta", theta, x, (f.rows, f.cols), "affine matrices" + _INPUT[nd][0],
+                                 ((other.rows, other.cols), _INPUT[nd][1]))
+    return _run(f.name, x, (theta,), size, mode, padding_mode, align_corners, had_k)
 
 
 def projective_sample(x, h, size=None, mode="bilinear", padding_mode="zeros", align_corners=False):
@@ -204,12 +203,10 @@ def basis_sample(x, m, basis, size, mode="bilinear", padding_mode="zeros", align
     if basis.numel() > _MAX_BASIS_NUMEL:
         raise ArgumentError(f"basis: at most 2^31 - 1 elements are supported, got {basis.numel()}")
     D = basis.shape[0]
-    if nd == 3:
-        m, had_k = _check_params("m", m, x, (3, D), f"coefficient matrices for D={D} and a 5-D input",
-                                 ((2, D), _FOR_4D))
-        return _run("basis3d", x, (m, basis), size, mode, padding_mode, align_corners, had_k)
-    m, had_k = _check_params("m", m, x, (2, D), f"coefficient matrices for D={D}", ((3, D), _FOR_5D))
-    return _run("basis", x, (m, basis), size, mode, padding_mode, align_corners, had_k)
+    f, other = forms.find("basis", nd), forms.find("basis", 5 - nd)
+    m, had_k = _check_params("m", m, x, (f.rows, D), f"coefficient matrices for D={D}" + _INPUT[nd][0].replace(
+        " for", " and"), ((other.rows, D), _INPUT[nd][1]))
+    return _run(f.name, x, (m, basis), size, mode, padding_mode, align_corners, had_k)
 
 
 def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
@@ -243,4 +240,4 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     had_k = grid.dim() == nd + 3
     grid = grid if had_k else grid.unsqueeze(1)
     size = [int(s) for s in grid.shape[2:2 + nd]]
-    return _run("grid" if nd == 2 else "grid3d", x, (grid,), size, mode, padding_mode, align_corners, had_k)
+    return _run(forms.find("grid", nd).name, x, (grid,), size, mode, padding_mode, align_corners, had_k)

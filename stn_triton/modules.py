@@ -6,6 +6,7 @@ from torch import nn
 from transforms_registry import TransformFamily, get_transform
 
 from . import functional as Fn
+from .kernels import forms
 
 
 def _family(transform, options):
@@ -60,12 +61,13 @@ def spatial_transform(x, theta, transform="affine", size=None, mode="bilinear", 
     if not had_k:
         m = m[:, 0]
     opts = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    if forms.find(form.kind, nd) is None:
+        have = ", ".join(f.kind for f in forms.FORMS.values() if f.ndim == nd)
+        raise Fn.ArgumentError(f"transform: family {family.name!r} gave a {form.kind} kernel form, which has no "
+                               f"{nd}-D version; a {nd}-D family must use one of the forms {have}")
     if form.kind == "affine":
         return Fn.affine_sample(x, m, size, **opts)
     if form.kind == "projective":
-        if nd == 3:
-            raise Fn.ArgumentError(f"transform: family {family.name!r} gave a projective kernel form, which has no "
-                                   f"3-D version; a 3-D family must use the affine, basis or grid form")
         return Fn.projective_sample(x, m, size, **opts)
     if form.kind == "basis":
         return Fn.basis_sample(x, m, form.basis, size, **opts)
@@ -125,7 +127,7 @@ class SpatialTransformer(nn.Module):
             options.setdefault("size", size)
             options.setdefault("align_corners", align_corners)
         self.family = _family(transform, options)
-        Fn._check_options_nd(_family_ndim(self.family), mode, padding_mode, align_corners)  # 3-D: no bicubic
+        Fn._check_options_nd(_family_ndim(self.family), mode, padding_mode, align_corners)
         self.localization = (localization if localization is not None
                              else default_localization(_family_ndim(self.family)))
         self.num_transforms = num_transforms

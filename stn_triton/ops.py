@@ -28,48 +28,32 @@ import torch
 
 from . import reference
 from ._backend import backend
-from .kernels import launch, launch_volume
+from .kernels import launch
+from .kernels.forms import FORMS, FORMS_3D
 
 _LIB = torch.library.Library("stn_triton", "FRAGMENT")  # autocast registrations live here
 _TAIL = "SymInt[] size, str mode, str padding_mode, bool align_corners"
-_FORMS = {  # form -> names of its parameter tensors
-    "affine": ("theta",),
-    "projective": ("h",),
-    "basis": ("m", "basis"),
-    "grid": ("grid",),
-    "affine3d": ("theta",),
-    "basis3d": ("m", "basis"),
-    "grid3d": ("grid",),
-}
-FORMS_3D = reference.FORMS_3D  # ("affine3d", "basis3d", "grid3d"): 5-D input, (N, K, C, Do, Ho, Wo) output
 
 
-def _num_k(form, params):
+def _num_k(params):
     return params[0].shape[1]
 
 
-def _is_3d(form):
-    return form in FORMS_3D
-
-
 def _new_output(form, x, K, size):
-    """The output buffer (and layout) every path returns: see launch.new_output / new_output3d."""
-    if _is_3d(form):
-        return launch_volume.new_output3d(x, K, *size)
+    """The output buffer (and layout) every path returns: see launch.new_output."""
     return launch.new_output(x, K, *size)
 
 
 def _kernel_params(form, params):
-    """(prm float32 (N*K, R) contiguous, aux, D, R) as the kernels take them."""
-    p0 = params[0]
-    if form in ("grid", "grid3d"):
-        return p0.new_zeros(1, dtype=torch.float32), p0, 0, 0
+    """(prm float32 (N*K, R) contiguous, aux, DM) as the kernels take them."""
+    f, p0 = FORMS[form], params[0]
+    if f.per_pixel:
+        return p0.new_zeros(1, dtype=torch.float32), p0, 0
     NK = p0.shape[0] * p0.shape[1]
     prm = p0.reshape(NK, p0.shape[2:].numel()).to(torch.float32).contiguous()
-    if form in ("basis", "basis3d"):
-        D = p0.shape[-1]
-        return prm, params[1].to(torch.float32).contiguous(), D, p0.shape[-2] * D
-    return prm, prm, 0, prm.shape[1]
+    if f.basis:
+        return prm, params[1].to(torch.float32).contiguous(), p0.shape[-1]
+    return prm, prm, 0
 
 
 def _forward(form, x, params, size, mode, padding_mode, align_corners):
@@ -82,12 +66,8 @@ def _forward(form, x, params, size, mode, padding_mode, align_corners):
 
 
 def _kernel_forward(form, x, params, size, mode, padding_mode, align_corners):
-    prm, aux, D, _ = _kernel_params(form, params)
-    if _is_3d(form):
-        return launch_volume.sample3d_forward(form, x, prm, aux, _num_k(form, params), size, D,
-                                              mode, padding_mode, align_corners)
-    return launch.sample_forward(form, x, prm, aux, _num_k(form, params), size[0], size[1], D,
-                                  mode, padding_mode, align_corners)
+    prm, aux, DM = _kernel_params(form, params)
+    return launch.sample_forward(form, x, prm, aux, _num_k(params), size, DM, mode, padding_mode, align_corners)
 
 
 def _backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
@@ -114,55 +94,25 @@ def _reference_backward(form, grad_out, x, params, size, mode, padding_mode, ali
 
 
 def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
-    if _is_3d(form):
-        return _kernel_backward3d(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs)
-    Ho, Wo = size
-    K = _num_k(form, params)
-    prm, aux, D, R = _kernel_params(form, params)
+    """The kernels' gradients of any form, 2-D or 3-D: [dL/dx, dL/dparams[0], (dL/dB)]."""
+    f = FORMS[form]
+    prm, aux, DM = _kernel_params(form, params)
     need_x, need_p0 = needs[0], needs[1]
-    need_basis = form == "basis" and needs[2]
+    need_basis = f.basis and needs[2]
     grad_x, grad_prm, gg = launch.sample_backward(
-        form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_mode, align_corners,
-        need_x=need_x, need_param=need_p0 and form != "grid", need_gg=(form == "grid" and need_p0) or need_basis,
+        form, grad_out, x, prm, aux, _num_k(params), size, DM, mode, padding_mode, align_corners,
+        need_x=need_x, need_param=need_p0 and not f.per_pixel, need_gg=(f.per_pixel and need_p0) or need_basis,
     )
     p0 = params[0]
-    if form == "grid":
-        g0 = gg.reshape(p0.shape).to(p0.dtype) if need_p0 else None
-    else:
-        g0 = grad_prm.reshape(p0.shape).to(p0.dtype) if need_p0 else None
+    g0 = (gg if f.per_pixel else grad_prm).reshape(p0.shape).to(p0.dtype) if need_p0 else None
     grads = [grad_x, g0]
-    if form == "basis":
+    if f.basis:
         if not need_basis:
             grads.append(None)
         elif x.shape[1] * prm.shape[0] == 0:  # an empty output: dL/dB is zero, no kernel runs
             grads.append(torch.zeros_like(params[1]))
         else:
-            grads.append(launch.basis_grad(prm, gg, D, Ho * Wo).to(params[1].dtype))
-    return grads
-
-
-def _kernel_backward3d(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
-    K = _num_k(form, params)
-    prm, aux, D, R = _kernel_params(form, params)
-    need_x, need_p0 = needs[0], needs[1]
-    grid = form == "grid3d"
-    need_basis = form == "basis3d" and needs[2]
-    grad_x, grad_prm, gg = launch_volume.sample3d_backward(
-        form, grad_out, x, prm, aux, K, size, D, R, mode, padding_mode, align_corners,
-        need_x=need_x, need_param=need_p0 and not grid, need_gg=(grid and need_p0) or need_basis,
-    )
-    p0 = params[0]
-    g0 = None
-    if need_p0:
-        g0 = (gg if grid else grad_prm).reshape(p0.shape).to(p0.dtype)
-    grads = [grad_x, g0]
-    if form == "basis3d":
-        if not need_basis:
-            grads.append(None)
-        elif x.shape[1] * prm.shape[0] == 0:  # an empty output: dL/dB is zero, no kernel runs
-            grads.append(torch.zeros_like(params[1]))
-        else:
-            grads.append(launch_volume.basis3d_grad(prm, gg, D, size[0] * size[1] * size[2]).to(params[1].dtype))
+            grads.append(launch.basis_grad(prm, gg, DM, gg.shape[1]).to(params[1].dtype))
     return grads
 
 
@@ -193,7 +143,7 @@ def double_backward(form, grad_out, x, params, size, mode, padding_mode, align_c
 
 
 def _fake_forward(form, x, params, size, mode, padding_mode, align_corners):
-    return _new_output(form, x, _num_k(form, params), size)
+    return _new_output(form, x, _num_k(params), size)
 
 
 def _fake_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
@@ -269,7 +219,7 @@ def reference_forward(form, x, params, size, mode, padding_mode, align_corners):
             out = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
     else:
         out = reference.form_sample(form, x, params, size, mode, padding_mode, align_corners)
-    return launch_volume.in_layout_of3d(out, x) if _is_3d(form) else launch.in_layout_of(out, x)
+    return launch.in_layout_of(out, x)
 
 
 def _register_autocast(name, op, n, device_type):
@@ -285,7 +235,7 @@ def _register_autocast(name, op, n, device_type):
     _LIB.impl(name, kernel, key, with_keyset=True)
 
 
-OPS = {form: _define(form, names) for form, names in _FORMS.items()}
+OPS = {name: _define(name, f.params) for name, f in FORMS.items()}
 affine_sample, affine_sample_backward = OPS["affine"]
 projective_sample, projective_sample_backward = OPS["projective"]
 basis_sample, basis_sample_backward = OPS["basis"]

@@ -26,35 +26,15 @@ import torch.nn.functional as F
 
 import transforms_registry
 
+from .kernels.forms import FORMS, FORMS_3D  # noqa: F401 (FORMS_3D: the 3-D forms' names)
+
 _FAR = 2.0 ** 30
 
 
 def base_grid(size, align_corners, dtype, device):
-    """PyTorch's affine_grid base, homogeneous: (Ho*Wo, 3) rows [x_p, y_p, 1], row-major pixels."""
+    """PyTorch's affine_grid base, homogeneous: (P, n + 1) rows [x_p, y_p, (z_p,) 1], pixels row-major,
+    for an output ``size`` of n = 2 (Ho, Wo) or 3 (Do, Ho, Wo) axes."""
     return transforms_registry.base_grid(size, align_corners, dtype, device).T
-
-
-def affine_grid(theta, size, align_corners):
-    """theta (N, K, 2, 3) -> grid (N, K, Ho, Wo, 2)."""
-    N, K = theta.shape[:2]
-    if N * K * size[0] * size[1] == 0:  # F.affine_grid refuses empty sizes; the grid is empty either way
-        return torch.einsum("nkij,pj->nkpi", theta, base_grid(size, align_corners, theta.dtype, theta.device)
-                            ).reshape(N, K, *size, 2)
-    g = F.affine_grid(theta.reshape(N * K, 2, 3), (N * K, 1, *size), align_corners=align_corners)
-    return g.reshape(N, K, *size, 2)
-
-
-def projective_grid(h, size, align_corners):
-    """h (N, K, 3, 3) -> grid (N, K, Ho, Wo, 2), dividing by the third homogeneous coordinate."""
-    N, K = h.shape[:2]
-    uvw = torch.einsum("nkij,pj->nkpi", h, base_grid(size, align_corners, h.dtype, h.device))
-    return (uvw[..., :2] / uvw[..., 2:]).reshape(N, K, *size, 2)
-
-
-def basis_grid(m, basis, size):
-    """m (N, K, 2, D), basis (D, Ho*Wo) -> grid (N, K, Ho, Wo, 2)."""
-    N, K = m.shape[:2]
-    return torch.einsum("nkcd,dp->nkpc", m, basis).reshape(N, K, *size, 2)
 
 
 def _ordinary(grid, sizes):
@@ -112,59 +92,105 @@ def sample(x, grid, mode, padding_mode, align_corners):
     compute = torch.float32 if (x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu") else x.dtype
     g, ok = _sanitize(grid.to(compute), tuple(size), padding_mode, align_corners)
     xs = x.to(compute)[:, None].expand(N, K, C, *size).reshape(N * K, C, *size)
-    out = F.grid_sample(xs, g.reshape(N * K, *out_size, grid.shape[-1]), mode=mode, padding_mode=padding_mode,
-                        align_corners=align_corners)
+    g = g.reshape(N * K, *out_size, grid.shape[-1])
+    if mode == "bicubic" and x.dim() == 5 and not _torch_has_tricubic():
+        out = tricubic(xs, g, padding_mode, align_corners)
+    else:
+        out = F.grid_sample(xs, g, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
     out = out.reshape(N, K, C, *out_size)
     if ok is not None:
         out = torch.where(ok[:, :, None], out, torch.zeros_like(out))
     return out.to(x.dtype)
 
 
+# --------------------------------------------------------------------------------------------------
+# Tricubic sampling (``mode="bicubic"`` on 5-D input), for a torch whose grid_sample lacks it
+# --------------------------------------------------------------------------------------------------
+
+_TRICUBIC = []
+
+
+def _torch_has_tricubic():
+    """Whether this torch's ``F.grid_sample`` takes ``mode="bicubic"`` on 5-D input (newer ones do)."""
+    if not _TRICUBIC:
+        try:
+            F.grid_sample(torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1, 1, 3), mode="bicubic", align_corners=False)
+            _TRICUBIC.append(True)
+        except (RuntimeError, ValueError, NotImplementedError):
+            _TRICUBIC.append(False)
+    return _TRICUBIC[0]
+
+
+def _cubic_weights(t):
+    """PyTorch's cubic convolution weights (A = -0.75) of the taps at -1, 0, 1, 2 from ``floor(i)``,
+    for the fraction ``t``: (..., 4)."""
+    A = -0.75
+
+    def near(s):  # |s| <= 1
+        return ((A + 2) * s - (A + 3)) * s * s + 1
+
+    def far(s):  # 1 < |s| < 2
+        return ((A * s - 5 * A) * s + 8 * A) * s - 4 * A
+
+    return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)
+
+
+def _reflect(f, size, align_corners):
+    """PyTorch's ``reflect_coordinates`` then the clip, for float coordinates ``f``."""
+    lo, span = (0.0, size - 1.0) if align_corners else (-0.5, float(size))
+    if span <= 0:
+        return torch.zeros_like(f)
+    t = (f - lo).abs()
+    flips = torch.floor(t / span)
+    extra = t - flips * span
+    r = torch.where(flips % 2 == 0, extra + lo, span - extra + lo)
+    return r.clamp(0, size - 1)
+
+
+def tricubic(x, grid, padding_mode, align_corners):
+    """x (N, C, D, H, W), grid (N, Do, Ho, Wo, 3) of finite coordinates -> (N, C, Do, Ho, Wo): the
+    bicubic interpolation of PyTorch's 2-D ``grid_sample`` on each of three axes, written from its
+    definition (64 taps, each padded on its own: ``get_value_bounded``). Autograd-able in x and grid."""
+    N, C = x.shape[:2]
+    sizes = x.shape[2:][::-1]  # W, H, D: the grid's axis order
+    out_size = grid.shape[1:-1]
+    taps = []
+    for a, size in enumerate(sizes):
+        g = grid[..., a].reshape(N, -1)
+        i = ((g + 1) / 2) * (size - 1) if align_corners else ((g + 1) * size - 1) / 2
+        f = torch.floor(i)
+        w = _cubic_weights(i - f)
+        q, m = [], []
+        for b in range(4):
+            t = (f - 1 + b).detach()
+            if padding_mode == "border":
+                t = t.clamp(0, size - 1)
+            elif padding_mode == "reflection":
+                t = _reflect(t, size, align_corners)
+            m.append((t >= 0) & (t <= size - 1))
+            q.append(t.clamp(0, size - 1).long())
+        taps.append((q, m, w))
+    (qx, mx, wx), (qy, my, wy), (qz, mz, wz) = taps
+    W, H = sizes[0], sizes[1]
+    flat = x.reshape(N, C, -1)
+    out = 0
+    for c in range(4):
+        for b in range(4):
+            for a in range(4):
+                idx = (qz[c] * H + qy[b]) * W + qx[a]  # (N, P)
+                vals = flat.gather(2, idx[:, None].expand(N, C, idx.shape[1]))
+                wt = wx[..., a] * wy[..., b] * wz[..., c] * (mx[a] & my[b] & mz[c])
+                out = out + vals * wt[:, None]
+    return out.reshape(N, C, *out_size)
+
+
 def form_grid(form, params, size, align_corners):
-    """The grid of any form, 2-D or 3-D, from its op-level parameters (see :mod:`stn_triton.ops`)."""
-    if form in ("affine", "affine3d"):
-        return (affine_grid3d if form == "affine3d" else affine_grid)(params[0], size, align_corners)
-    if form == "projective":
-        return projective_grid(params[0], size, align_corners)
-    if form in ("basis", "basis3d"):
-        return (basis_grid3d if form == "basis3d" else basis_grid)(params[0], params[1], size)
-    return params[0]
+    """The grid of any form, 2-D or 3-D, from its op-level parameters (see :mod:`stn_triton.ops`):
+    the form table's own reference (:mod:`stn_triton.kernels.forms`)."""
+    return FORMS[form].grid(params, size, align_corners)
 
 
 def form_sample(form, x, params, size, mode, padding_mode, align_corners):
-    """Reference forward of any form: x (N, C, H, W) -> (N, K, C, Ho, Wo); a 3-D form's x (N, C, D,
-    H, W) -> (N, K, C, Do, Ho, Wo)."""
+    """Reference forward of any form: x (N, C, *in_size) -> (N, K, C, *size)."""
     grid = form_grid(form, params, size, align_corners)
     return sample(x, grid, mode, padding_mode, align_corners)
-
-
-# --------------------------------------------------------------------------------------------------
-# Volumetric (5-D) forms: input (N, C, D, H, W), grid (..., 3) with coordinates (x, y, z)
-# --------------------------------------------------------------------------------------------------
-# The same rules as the 2-D forms above (non-finite coordinates included), one dimension up. Forms
-# "affine3d" (theta (N, K, 3, 4)), "basis3d" (m (N, K, 3, Dm), basis (Dm, Do*Ho*Wo)) and "grid3d"
-# (grid (N, K, Do, Ho, Wo, 3)); every output is (N, K, C, Do, Ho, Wo).
-
-FORMS_3D = ("affine3d", "basis3d", "grid3d")
-
-
-def base_grid3d(size, align_corners, dtype, device):
-    """PyTorch's 5-D affine_grid base, homogeneous: (Do*Ho*Wo, 4) rows [x_p, y_p, z_p, 1], voxels
-    row-major (depth, then row, then column)."""
-    return transforms_registry.base_grid(size, align_corners, dtype, device).T
-
-
-def affine_grid3d(theta, size, align_corners):
-    """theta (N, K, 3, 4) -> grid (N, K, Do, Ho, Wo, 3)."""
-    N, K = theta.shape[:2]
-    if N * K * size[0] * size[1] * size[2] == 0:  # F.affine_grid refuses empty sizes
-        return torch.einsum("nkij,pj->nkpi", theta, base_grid3d(size, align_corners, theta.dtype, theta.device)
-                            ).reshape(N, K, *size, 3)
-    g = F.affine_grid(theta.reshape(N * K, 3, 4), (N * K, 1, *size), align_corners=align_corners)
-    return g.reshape(N, K, *size, 3)
-
-
-def basis_grid3d(m, basis, size):
-    """m (N, K, 3, Dm), basis (Dm, Do*Ho*Wo) -> grid (N, K, Do, Ho, Wo, 3)."""
-    N, K = m.shape[:2]
-    return torch.einsum("nkcd,dp->nkpc", m, basis).reshape(N, K, *size, 3)

@@ -5,7 +5,9 @@
 - Every buffer a kernel is supposed to fill is poisoned first (NaN for floats, a huge value for
   integers), so an element a kernel forgets to write fails the comparison.
 - Triton's interpreter gets bfloat16 ``atomic_add`` (``_interpreter_atomics``), so the kernels' own
-  bfloat16 gradient accumulation runs under it as it does compiled.
+  bfloat16 gradient accumulation runs under it as it does compiled, and skips re-patching
+  ``triton.language`` at every helper call inside a launch (``_interpreter_speed``), which changes
+  nothing but the time.
 """
 
 import os
@@ -21,8 +23,10 @@ from stn_triton.kernels import launch  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     import _interpreter_atomics  # noqa: E402
+    import _interpreter_speed  # noqa: E402
 
     _interpreter_atomics.install()  # the interpreter has no bf16 atomics; see that module
+    _interpreter_speed.install()  # no re-patching of triton.language at each helper call; see that module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,41 +1,68 @@
-"""Affine form: the sampling coordinate of output pixel p is ``M (2x3) @ [x_p, y_p, 1]``.
+"""Affine form: the sampling coordinate of output pixel p is ``M @ [x_p, y_p, (z_p,) 1]``.
 
-Serves the ``attention`` and ``affine`` families. The base grid ``(x_p, y_p)`` is PyTorch's
-``affine_grid`` base, computed in the kernel from the pixel index (never read from memory).
+Serves the ``attention`` and ``affine`` families (M 2x3) and ``affine3d``/``attention3d`` (M 3x4). The
+base grid ``b_p = (x_p, y_p[, z_p], 1)`` is PyTorch's ``affine_grid`` base, computed in the kernel from
+the pixel index (never read from memory).
 
 .. math::
 
-    g_x = m_{00} x + m_{01} y + m_{02}, \\qquad g_y = m_{10} x + m_{11} y + m_{12}
+    g_{r,p} = \\sum_c m_{rc} \\, b_{c,p}, \\qquad
+    \\frac{\\partial L}{\\partial m_{rc}} = \\sum_p \\bar g_{r,p} \\, b_{c,p}
 
-    \\frac{\\partial L}{\\partial m_{0j}} = \\sum_p \\bar g_{x,p} \\, b_{j,p}, \\qquad
-    \\frac{\\partial L}{\\partial m_{1j}} = \\sum_p \\bar g_{y,p} \\, b_{j,p}, \\qquad
-    b_p = [x_p, y_p, 1]
-
-``gg_x``/``gg_y`` below are :math:`\\bar g_x, \\bar g_y`, the gradient of the loss wrt the
-normalised coordinate; each program writes the sums over its pixels (stage one of a fixed-order,
-two-stage reduction; the host sums the partials).
+``gg`` below is :math:`\\bar g`, the gradient of the loss wrt the normalised coordinate; each program
+adds its pixels' terms ``gg_r * b_c`` (row-major in (r, c), one block column each) and writes their
+sums (stage one of a fixed-order, two-stage reduction; the host sums the partials).
 """
 
+import math
+
+import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+import transforms_registry
 
-@triton.jit
-def affine_coords(p_m, x, y):
-    # p_m: float32 [6], M row-major for this (n, k); x, y: [BLOCK_P] base grid
-    m00 = tl.load(p_m + 0)
-    m01 = tl.load(p_m + 1)
-    m02 = tl.load(p_m + 2)
-    m10 = tl.load(p_m + 3)
-    m11 = tl.load(p_m + 4)
-    m12 = tl.load(p_m + 5)
-    gx = m00 * x + m01 * y + m02
-    gy = m10 * x + m11 * y + m12
-    return gx, gy
+from .common import stack8, stack16
 
 
 @triton.jit
-def affine_param_terms(a0, a1, a2, a3, a4, a5, x, y, gg_x, gg_y):
-    # the six per-pixel terms of dL/dM, added to the running sums a0..a5 [BLOCK_P] (summed over the
-    # program's pixels at its end); gg_x, gg_y: [BLOCK_P], 0 off the image
-    return a0 + gg_x * x, a1 + gg_x * y, a2 + gg_x, a3 + gg_y * x, a4 + gg_y * y, a5 + gg_y
+def affine_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, NDIM: tl.constexpr):
+    # p_m: float32 [NDIM * (NDIM + 1)], M row-major for this (n, k); b: (x, y, z) [BP] base grid
+    x, y, z = b
+    if NDIM == 2:
+        gx = tl.load(p_m + 0) * x + tl.load(p_m + 1) * y + tl.load(p_m + 2)
+        gy = tl.load(p_m + 3) * x + tl.load(p_m + 4) * y + tl.load(p_m + 5)
+        gz = gx  # no third axis
+    else:
+        gx = tl.load(p_m + 0) * x + tl.load(p_m + 1) * y + tl.load(p_m + 2) * z + tl.load(p_m + 3)
+        gy = tl.load(p_m + 4) * x + tl.load(p_m + 5) * y + tl.load(p_m + 6) * z + tl.load(p_m + 7)
+        gz = tl.load(p_m + 8) * x + tl.load(p_m + 9) * y + tl.load(p_m + 10) * z + tl.load(p_m + 11)
+    return (gx, gy, gz), x
+
+
+@triton.jit
+def affine_terms(acc, p_part, p_aux, q, mask_p, P, DM, b, g, w, gg, NDIM: tl.constexpr):
+    # acc: [BP, 8] (2-D) or [BP, 16] (3-D) running sums of dL/dM's per-pixel terms, row-major;
+    # gg: (gg_x, gg_y, gg_z) [BP], 0 off the image
+    x, y, z = b
+    gg_x, gg_y, gg_z = gg
+    zero = tl.zeros_like(x)
+    if NDIM == 2:
+        acc += stack8(gg_x * x, gg_x * y, gg_x, gg_y * x, gg_y * y, gg_y, zero, zero)
+    else:
+        acc += stack16(gg_x * x, gg_x * y, gg_x * z, gg_x, gg_y * x, gg_y * y, gg_y * z, gg_y,
+                       gg_z * x, gg_z * y, gg_z * z, gg_z, zero, zero, zero, zero)
+    return acc
+
+
+def affine_grid(params, size, align_corners):
+    """theta (N, K, n, n+1) -> grid (N, K, *size, n): ``F.affine_grid`` (n = len(size))."""
+    theta = params[0]
+    N, K = theta.shape[:2]
+    nd = len(size)
+    if N * K * math.prod(size) == 0:  # F.affine_grid refuses empty sizes
+        base = transforms_registry.base_grid(size, align_corners, theta.dtype, theta.device).T
+        return torch.einsum("nkij,pj->nkpi", theta, base).reshape(N, K, *size, nd)
+    g = F.affine_grid(theta.reshape(N * K, nd, nd + 1), (N * K, 1, *size), align_corners=align_corners)
+    return g.reshape(N, K, *size, nd)

@@ -1,68 +1,83 @@
-"""Basis form: the coordinate of pixel p is ``M (2xD) @ B[:, p]``, B a (D, Ho*Wo) tensor.
+"""Basis form: the coordinate of pixel p is ``M (n x D) @ B[:, p]``, B a (D, P) tensor (P pixels).
 
 Serves thin plate splines, piecewise affine meshes, learnable target bases and any family that is
-linear in its parameters.
+linear in its parameters, in 2-D (n = 2) and 3-D (n = 3).
 
 .. math::
 
-    g_{c,p} = \\sum_d m_{c,d} \\, B_{d,p}, \\qquad c \\in \\{x, y\\}
+    g_{r,p} = \\sum_d m_{r,d} \\, B_{d,p}
 
-    \\frac{\\partial L}{\\partial m_{c,d}} = \\sum_p \\bar g_{c,p} B_{d,p}, \\qquad
-    \\frac{\\partial L}{\\partial B_{d,p}} = \\sum_{n,k} \\sum_c m^{(n,k)}_{c,d} \\, \\bar g^{(n,k)}_{c,p}
+    \\frac{\\partial L}{\\partial m_{r,d}} = \\sum_p \\bar g_{r,p} B_{d,p}, \\qquad
+    \\frac{\\partial L}{\\partial B_{d,p}} = \\sum_{n,k} \\sum_r m^{(n,k)}_{r,d} \\, \\bar g^{(n,k)}_{r,p}
 
-The gradient wrt M is reduced in two fixed-order stages like the affine form's; the gradient wrt B
-sums over every (n, k) and is computed by :func:`basis_grad_kernel` from the stored
+The gradient wrt M is reduced in two fixed-order stages (each tile's sums, then the host's); the
+gradient wrt B sums over every (n, k) and is computed by :func:`basis_grad_kernel` from the stored
 :math:`\\bar g`, looping over (n, k) in order (deterministic, no atomics).
 """
 
+import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def basis_coords(p_m, p_b, offs_p, mask_p, D, P):
-    # p_m: float32 [2, D] for this (n, k); p_b: float32 B [D, P] contiguous; offs_p: [BLOCK_P]
-    gx = tl.zeros(offs_p.shape, tl.float32)
-    gy = tl.zeros(offs_p.shape, tl.float32)
-    for d in range(0, D):
-        b = tl.load(p_b + d * P + offs_p, mask=mask_p, other=0.0)
-        gx += tl.load(p_m + d) * b
-        gy += tl.load(p_m + D + d) * b
-    return gx, gy
+def basis_coords(p_m, p_b, p_pix, s_ac, q, b, mask_p, P, DM, NDIM: tl.constexpr):
+    # p_m: float32 [NDIM, DM] for this (n, k); p_b: float32 B [DM, P] contiguous; q: [BP] pixel index
+    gx = tl.zeros(q.shape, tl.float32)
+    gy = tl.zeros(q.shape, tl.float32)
+    gz = tl.zeros(q.shape, tl.float32)
+    for e in range(0, DM):
+        b_e = tl.load(p_b + e * P + q, mask=mask_p, other=0.0)
+        gx += tl.load(p_m + e) * b_e
+        gy += tl.load(p_m + DM + e) * b_e
+        if NDIM == 3:
+            gz += tl.load(p_m + 2 * DM + e) * b_e
+    return (gx, gy, gz), gx
 
 
 @triton.jit
-def basis_param_grad(p_part, p_b, offs_p, mask_p, D, P, gg_x, gg_y):
-    # p_part: float32 [2, D], this program's partial dL/dM
-    for d in range(0, D):
-        b = tl.load(p_b + d * P + offs_p, mask=mask_p, other=0.0)
-        tl.store(p_part + d, tl.sum(gg_x * b, axis=0))
-        tl.store(p_part + D + d, tl.sum(gg_y * b, axis=0))
+def basis_terms(acc, p_part, p_b, q, mask_p, P, DM, b, g, w, gg, NDIM: tl.constexpr):
+    # p_part: float32 [NDIM, DM], this tile's partial dL/dM, written here (one tile per program)
+    gg_x, gg_y, gg_z = gg
+    for e in range(0, DM):
+        b_e = tl.load(p_b + e * P + q, mask=mask_p, other=0.0)
+        tl.store(p_part + e, tl.sum(gg_x * b_e, axis=0))
+        tl.store(p_part + DM + e, tl.sum(gg_y * b_e, axis=0))
+        if NDIM == 3:
+            tl.store(p_part + 2 * DM + e, tl.sum(gg_z * b_e, axis=0))
+    return acc
 
 
 @triton.jit
 def basis_grad_kernel(
-    p_gb,   # out: float32 dL/dB [D, P] contiguous
-    p_m,    # float32 M [NK, 2, D] contiguous
-    p_gg,   # float32 dL/dg [NK, P, 2] contiguous
-    NK, D, P,
-    BLOCK_D: tl.constexpr,  # >= D, a power of two
+    p_gb,   # out: float32 dL/dB [DM, P] contiguous
+    p_m,    # float32 M [NK, NDIM, DM] contiguous
+    p_gg,   # float32 dL/dg [NK, P, NDIM] contiguous
+    NK, DM, P,
+    NDIM: tl.constexpr,     # 2 or 3 coordinates per pixel
+    BLOCK_D: tl.constexpr,  # >= DM, a power of two
     BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)  # [BLOCK_P]
-    offs_d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    offs_p = pid * BLOCK_P + tl.arange(0, BLOCK_P)  # [BP]
+    offs_d = tl.arange(0, BLOCK_D)  # [BD]
     mask_p = offs_p < P
-    mask_d = offs_d < D
+    mask_d = offs_d < DM
     acc = tl.zeros([BLOCK_D, BLOCK_P], tl.float32)  # [BD, BP]
     p_gg_nk = p_gg  # advanced by one (n, k) per iteration: 64-bit pointer arithmetic
     p_m_nk = p_m
     for _ in range(0, NK):
-        gg_x = tl.load(p_gg_nk + offs_p * 2, mask=mask_p, other=0.0)
-        gg_y = tl.load(p_gg_nk + offs_p * 2 + 1, mask=mask_p, other=0.0)
-        m_x = tl.load(p_m_nk + offs_d, mask=mask_d, other=0.0)
-        m_y = tl.load(p_m_nk + D + offs_d, mask=mask_d, other=0.0)
-        acc += m_x[:, None] * gg_x[None, :] + m_y[:, None] * gg_y[None, :]
-        p_gg_nk += P * 2
-        p_m_nk += D * 2
+        for r in tl.static_range(NDIM):
+            gg_r = tl.load(p_gg_nk + offs_p * NDIM + r, mask=mask_p, other=0.0)  # [BP]
+            m_r = tl.load(p_m_nk + r * DM + offs_d, mask=mask_d, other=0.0)  # [BD]
+            acc += m_r[:, None] * gg_r[None, :]
+        p_gg_nk += P * NDIM
+        p_m_nk += DM * NDIM
     tl.store(p_gb + offs_d[:, None] * P + offs_p[None, :], acc, mask=mask_d[:, None] & mask_p[None, :])
+
+
+def basis_grid(params, size, align_corners):
+    """m (N, K, n, D), basis (D, P) -> grid (N, K, *size, n)."""
+    m, basis = params
+    N, K, nd = m.shape[:3]
+    return torch.einsum("nkcd,dp->nkpc", m, basis).reshape(N, K, *size, nd)

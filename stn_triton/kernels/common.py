@@ -43,13 +43,7 @@ as bilinear reads it) and derivative 0.
 import triton
 import triton.language as tl
 
-# Padding modes and sampling modes, as the kernels' constexpr codes.
-PAD_ZEROS, PAD_BORDER, PAD_REFLECTION = 0, 1, 2
-MODE_BILINEAR, MODE_NEAREST, MODE_BICUBIC = 0, 1, 2
-PADDING_CODES = {"zeros": PAD_ZEROS, "border": PAD_BORDER, "reflection": PAD_REFLECTION}
-MODE_CODES = {"bilinear": MODE_BILINEAR, "nearest": MODE_NEAREST, "bicubic": MODE_BICUBIC}
-# contributions (taps) per output pixel of each mode, as log2: bilinear 4, nearest 1, bicubic 16
-LOG2_TAPS = {"bilinear": 2, "nearest": 0, "bicubic": 4}
+from .codes import PAD_BORDER, PAD_REFLECTION, PAD_ZEROS
 
 
 @triton.jit
@@ -122,9 +116,9 @@ def source_index(g, size, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.conste
 
     PyTorch's ``grid_sampler_compute_source_index``: :func:`unnormalize`, then the padding."""
     i, a = unnormalize(g, size, ALIGN, FMA)
-    if PAD == 1:
+    if PAD == PAD_BORDER:
         i, d = clip_with_grad(i, size)
-    elif PAD == 2:
+    elif PAD == PAD_REFLECTION:
         i, d = reflect_with_grad(i, size, ALIGN)
     else:
         d = tl.full(i.shape, 1.0, tl.float32)
@@ -143,12 +137,12 @@ def cubic_source(g, size, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.conste
     ``border`` sends NaN and -inf to pixel 0 and +inf to the last pixel; ``reflection`` sends them
     to pixel 0. Either way their derivative is 0."""
     i, a = unnormalize(g, size, ALIGN, FMA)
-    if PAD == 0:
+    if PAD == PAD_ZEROS:
         valid = (i == i) & (tl.abs(i) < 1073741824.0)
         i = tl.where(valid, i, -100.0)
     else:
         valid = tl.abs(i) <= 3.4028234663852886e38  # finite (false for NaN and +-inf)
-        if PAD == 1:
+        if PAD == PAD_BORDER:
             i = tl.where(valid, i, tl.where(i > 0.0, size - 1.0, 0.0))
         else:
             i = tl.where(valid, i, 0.0)
@@ -162,9 +156,9 @@ def cubic_tap(f, size, PAD: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constex
     coordinate ``f`` (an integer: floor + offset) padded as the mode says, as an integer clamped
     into ``[0, size - 1]`` (a safe address), and whether the tap lies inside the image (only
     ``zeros`` padding has taps outside; they read 0 and receive nothing)."""
-    if PAD == 1:
+    if PAD == PAD_BORDER:
         f, _ = clip_with_grad(f, size)
-    elif PAD == 2:
+    elif PAD == PAD_REFLECTION:
         f, _ = reflect_with_grad(f, size, ALIGN)
     q = f.to(tl.int64) if INT64 else f.to(tl.int32)  # |f| < 2^30 + 3 (zeros) or in [0, size-1]
     inside = (q >= 0) & (q < size)
@@ -219,41 +213,18 @@ def round_half_even(v):
 
 
 @triton.jit
-def bilinear_corners(ix, iy, W, H, INT64: tl.constexpr):
-    """The four bilinear neighbours of (ix, iy): integer corners, weights, in-bounds masks.
-
-    .. math::
-
-        x_0 = \\lfloor i_x \\rfloor,\\; x_1 = x_0 + 1,\\qquad
-        w_{nw} = (x_1 - i_x)(y_1 - i_y),\\; w_{ne} = (i_x - x_0)(y_1 - i_y),\\;
-        w_{sw} = (x_1 - i_x)(i_y - y_0),\\; w_{se} = (i_x - x_0)(i_y - y_0)
-    """
-    fx0 = tl.floor(ix)
-    fy0 = tl.floor(iy)
-    tx = ix - fx0  # i_x - x_0
-    ty = iy - fy0  # i_y - y_0
-    sx = 1.0 - tx  # x_1 - i_x
-    sy = 1.0 - ty  # y_1 - i_y
-    # integer corners: int32 unless offsets need 64 bits (|i| < 2^30 after source_index)
-    x0 = fx0.to(tl.int64) if INT64 else fx0.to(tl.int32)
-    y0 = fy0.to(tl.int64) if INT64 else fy0.to(tl.int32)
-    x1 = x0 + 1
-    y1 = y0 + 1
-    in_x0 = (x0 >= 0) & (x0 < W)
-    in_x1 = (x1 >= 0) & (x1 < W)
-    in_y0 = (y0 >= 0) & (y0 < H)
-    in_y1 = (y1 >= 0) & (y1 < H)
-    return x0, y0, tx, ty, sx, sy, in_x0, in_x1, in_y0, in_y1
-
+def stack4(a, b, c, d):
+    """[BP] x 4 -> [BP, 4] (columns a, b, c, d), each pixel's four values in its own thread."""
+    return tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [a.shape[0], 4])
 
 
 @triton.jit
-def store_sums(p, v0, v1, v2, v3, v4, v5, N_SUMS: tl.constexpr = 6):
-    """``p[r] = sum(v_r)`` for the first N_SUMS of six [BLOCK_P] vectors (a program's partial sums)."""
-    tl.store(p + 0, tl.sum(v0, axis=0))
-    tl.store(p + 1, tl.sum(v1, axis=0))
-    tl.store(p + 2, tl.sum(v2, axis=0))
-    if N_SUMS > 3:
-        tl.store(p + 3, tl.sum(v3, axis=0))
-        tl.store(p + 4, tl.sum(v4, axis=0))
-        tl.store(p + 5, tl.sum(v5, axis=0))
+def stack8(a, b, c, d, e, f, g, h):
+    """[BP] x 8 -> [BP, 8] in argument order (a parameter-gradient terms block)."""
+    return tl.reshape(tl.join(stack4(a, c, e, g), stack4(b, d, f, h)), [a.shape[0], 8])
+
+
+@triton.jit
+def stack16(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p):
+    """[BP] x 16 -> [BP, 16] in argument order."""
+    return tl.reshape(tl.join(stack8(a, c, e, g, i, k, m, o), stack8(b, d, f, h, j, l, n, p)), [a.shape[0], 16])

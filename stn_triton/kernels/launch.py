@@ -9,8 +9,14 @@ Launch shapes (:func:`plan`), chosen per case from the compile-only model (``stn
   several row tiles per program when there are few channels (:func:`tiles_per_program`);
 - channels-last inputs: one 16-byte vector of channels per step (4 float32 or 8 half), one pixel per
   thread, 128 pixels per program;
-- bicubic sampling (16 taps per pixel, their offsets and weights kept in registers), planar too: one
-  pixel per thread, 128 pixels per program, forward and backward.
+- bicubic sampling (16 taps per pixel in 2-D, 64 in 3-D, a row of 4 in flight at a time), planar
+  too: one pixel per thread, 128 pixels per program, forward and backward; so is the trilinear
+  backward (8 taps' scatter targets and weights per voxel), except for forms that reduce their
+  parameter terms per tile (basis), whose 256-voxel tiles halve those reductions.
+
+Volumes are cut the same way: their output is the plane (Do * Ho, Wo), and every choice above
+(tiles, channel vectors, batch splitting, 64-bit indexing, autotuning, half-precision accumulation)
+is made once for 2-D and 3-D alike.
 
 Tiles are ``TILE_H x TILE_W`` pixels with ``TILE_W`` the power of two (<= 64) that wastes fewest
 pixels on the output's edges. On CUDA the pixels per program and warps per program are autotuned
@@ -28,8 +34,9 @@ import triton
 import triton.language as tl
 
 from .basis import basis_grad_kernel
-from .common import LOG2_TAPS, MODE_CODES, PADDING_CODES
-from .sampler import FORM_CODES, corner_index_kernel, gather_grad_input_kernel, sample_bwd_kernel, sample_fwd_kernel
+from .codes import MODE_CODES, PADDING_CODES, TAPS_PER_AXIS, log2_taps, taps
+from .forms import FORMS
+from .sampler import gather_grad_input_kernel, sample_bwd_kernel, sample_fwd_kernel, tap_index_kernel
 
 INT32_LIMIT = 2**31
 MAX_GRID_YZ = 65535  # CUDA's limit on the second and third grid dimensions
@@ -59,39 +66,51 @@ def _empty_like(t):
 # Geometry, layouts, index width
 # --------------------------------------------------------------------------------------------------
 
-def _geometry(H, W, Ho, Wo, align_corners):
-    """Host constants of affine_grid's base grid per axis: x_j = bsx * j + box, y_i = bsy * i + boy."""
+def _geometry(size, align_corners):
+    """Host constants of affine_grid's base grid per axis, for an output of ``size`` (Ho, Wo) or
+    (Do, Ho, Wo): x_j = bsx * j + box, y_i = bsy * i + boy, z_d = bsz * d + boz (2-D: z unused)."""
 
     def base(n):
         if align_corners:
             return (2.0 / (n - 1), -1.0) if n > 1 else (0.0, 0.0)
         return (2.0 / n, 1.0 / n - 1.0) if n > 0 else (0.0, 0.0)  # an empty output samples nothing
 
-    (bsx, box), (bsy, boy) = base(Wo), base(Ho)
-    return bsx, box, bsy, boy
+    size = list(size)
+    return (*base(size[-1]), *base(size[-2]), *(base(size[0]) if len(size) == 3 else (0.0, 0.0)))
 
 
 def _is_channels_last(x):
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    """Channels innermost (and more than one layout possible): channels_last or channels_last_3d."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
 
-def new_output(x, K, Ho, Wo):
-    """(N, K, C, Ho, Wo) in x's memory format: channels innermost when x is channels-last.
+def new_output(x, K, *size):
+    """(N, K, C, *size) in x's memory format: channels innermost when x is channels-last (2-D or 3-D).
 
     Shared by the kernels' launcher and the ops' fake implementations, so both agree on strides.
     """
     N, C = x.shape[0], x.shape[1]
     if _is_channels_last(x):
-        return _empty((N, K, Ho, Wo, C), x.dtype, x.device).permute(0, 1, 4, 2, 3)
-    return _empty((N, K, C, Ho, Wo), x.dtype, x.device)
+        nd = len(size)
+        return _empty((N, K, *size, C), x.dtype, x.device).permute(0, 1, nd + 2, *range(2, nd + 2))
+    return _empty((N, K, C, *size), x.dtype, x.device)
 
 
 def in_layout_of(out, x):
-    """``out`` (N, K, C, Ho, Wo) in the memory format :func:`new_output` gives for ``x`` (a copy only when
+    """``out`` (N, K, C, *size) in the memory format :func:`new_output` gives for ``x`` (a copy only when
     it is not already): the layout every path returns."""
     if _is_channels_last(x):
-        return out.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        nd = out.dim() - 3
+        last = out.permute(0, 1, *range(3, nd + 3), 2).contiguous()
+        return last.permute(0, 1, nd + 2, *range(2, nd + 2))
     return out.contiguous()
+
+
+def _with_depth(strides, at):
+    """A 2-D tensor's strides with a 0 depth stride inserted at ``at`` (the kernels' 3-D argument list)."""
+    strides = list(strides)
+    return tuple(strides[:at] + [0] + strides[at:])
 
 
 def _true_fma(device):
@@ -174,13 +193,18 @@ def _tile_width(Ho, Wo, block_p, max_w=64):
     return best[1].bit_length() - 1
 
 
-def plan(x, Ho, Wo, backward=False, mode="bilinear"):
-    """The default launch shape for sampling ``x`` (N, C, H, W) to Ho x Wo (see the module doc)."""
+def plan(x, Ho, Wo, backward=False, mode="bilinear", per_tile=False):
+    """The default launch shape for sampling ``x`` (N, C, [D,] H, W) to an output plane of Ho rows
+    (Do * Ho for a volume) and Wo columns (see the module doc). ``per_tile``: the form reduces its
+    parameter terms per tile (basis), so fewer, larger backward tiles pay fewer reductions."""
     C = x.shape[1]
+    ndim = x.dim() - 2
     if C > 1 and x.stride(1) == 1:  # channels innermost: a 16-byte vector of channels per thread
         block_c = min(triton.next_power_of_2(C), max(1, VECTOR_BYTES // x.element_size()))
         block_p = 128
-    elif mode == "bicubic":  # 16 taps per pixel: one pixel per thread keeps their addresses in registers
+    elif mode == "bicubic" or (backward and taps(mode, ndim) > 4 and not per_tile):
+        # many taps per pixel (cubic; trilinear's backward): one pixel per thread keeps their
+        # addresses and weights in registers
         block_c = 1
         block_p = 128
     else:
@@ -272,8 +296,10 @@ TPP_MIN_PROGRAMS = 8192  # keep at least this many backward programs (a few wave
 
 def tiles_per_program(form, p, C, K, N):
     """Row tiles per backward program: several when there are few channels (the parameter gradient's
-    reduction and the program's set-up are then a large share of its work) and programs to spare."""
-    if form == "basis" or C > 16:
+    reduction and the program's set-up are then a large share of its work) and programs to spare.
+    One for a form whose terms are stored per tile (basis). ``form``: a row of the form table or its name."""
+    form = FORMS[form] if isinstance(form, str) else form
+    if form.per_tile or C > 16:
         return 1
     tpp = TPP_MAX
     while tpp > 1 and p.n_programs(p.block_p, tpp) * K * N < TPP_MIN_PROGRAMS:
@@ -291,41 +317,86 @@ def _check_k(K):
         raise ValueError(f"theta: at most {MAX_GRID_YZ} transforms per image (K) run on the kernels, got {K}")
 
 
-def _aux_args(form, aux):
-    """The aux pointer and its 5 strides (grid form), or B (basis form), or a dummy."""
-    if form == "grid":
-        return aux, tuple(aux.stride())
-    return aux, (0, 0, 0, 0, 0)
-
-
 def _rows(t, nb, K):
     """The (n, k) rows of a per-transform tensor for the batch slice ``nb``."""
     return t[nb.start * K:nb.stop * K]
+
+
+class _Problem:
+    """One sampling problem as every kernel takes it: 2-D and 3-D alike, the 2-D one with a depth of 1
+    (``D = Do = 1``, zero depth strides). ``form``: a row of :data:`~.forms.FORMS`; ``prm``: float32
+    (N*K, R) contiguous (a stand-in for the grid form); ``aux``: B (DM, P) float32 (basis forms) or
+    the grid (N, K, *size, ndim) (grid forms)."""
+
+    def __init__(self, form, x, prm, aux, K, size, DM, mode, padding_mode, align_corners):
+        if isinstance(form, str):
+            form = FORMS[form]
+        self.form, self.x, self.prm, self.aux, self.K, self.DM = form, x, prm, aux, K, DM
+        self.ndim = nd = x.dim() - 2
+        if nd != form.ndim:
+            raise ValueError(f"x: the {form.name} form samples {form.ndim + 2}-D input, got {x.dim()}-D")
+        if mode not in MODE_CODES:
+            raise ValueError(f"mode: expected one of {tuple(MODE_CODES)}, got {mode!r}")
+        self.size = [int(s) for s in size]
+        self.N, self.C = x.shape[:2]
+        self.D, self.H, self.W = ([1] + list(x.shape[2:]))[-3:]
+        self.Do, self.Ho, self.Wo = ([1] + self.size)[-3:]
+        self.P = self.Do * self.Ho * self.Wo
+        self.R = prm.shape[1] if (prm.dim() == 2 and not form.per_pixel) else 0
+        self.mode, self.padding_mode, self.align_corners = mode, padding_mode, bool(align_corners)
+        self.geometry = _geometry(self.size, align_corners)
+
+    def x_strides(self, t):
+        """(n, c, d, h, w) strides of an input-shaped tensor."""
+        return tuple(t.stride()) if self.ndim == 3 else _with_depth(t.stride(), 2)
+
+    def out_strides(self, t):
+        """(n, k, c, d, h, w) strides of an output-shaped tensor."""
+        return tuple(t.stride()) if self.ndim == 3 else _with_depth(t.stride(), 3)
+
+    def aux_args(self, nb):
+        """The aux tensor for the batch slice ``nb`` and its (n, k, d, h, w, component) strides."""
+        if self.form.per_pixel:
+            a = self.aux[nb]
+            return a, (tuple(a.stride()) if self.ndim == 3 else _with_depth(a.stride(), 2))
+        return self.aux, (0, 0, 0, 0, 0, 0)
+
+    def prm_rows(self, nb):
+        return self.prm if self.form.per_pixel else _rows(self.prm, nb, self.K)
+
+    def consts(self):
+        return dict(COORDS=self.form.coords, NDIM=self.ndim, MODE=MODE_CODES[self.mode],
+                    PAD=PADDING_CODES[self.padding_mode], ALIGN=self.align_corners,
+                    NT=TAPS_PER_AXIS[self.mode], FMA=_true_fma(self.x.device))
+
+    def sizes(self):
+        return (self.D, self.H, self.W, self.K, self.Do, self.Ho, self.Wo, self.DM, self.R)
+
+    def key(self, *more):
+        x = self.x
+        return (self.form.name, self.mode, self.padding_mode, self.C, self.D, self.H, self.W, self.Do, self.Ho,
+                self.Wo, self.K, x.dtype, x.stride(1) == 1) + more
 
 
 # --------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------
 
-def sample_forward(form, x, prm, aux, K, Ho, Wo, D, mode, padding_mode, align_corners):
-    """Launch the forward kernel. prm: float32 (N*K, R) contiguous; aux: see the kernel."""
-    N, C, H, W = x.shape
-    out = new_output(x, K, Ho, Wo)
+def sample_forward(form, x, prm, aux, K, size, DM, mode, padding_mode, align_corners):
+    """Launch the forward kernel: x (N, C, *in_size) sampled to (N, K, C, *size) in x's layout."""
+    pb = _Problem(form, x, prm, aux, K, size, DM, mode, padding_mode, align_corners)
+    out = new_output(x, K, *pb.size)
     if out.numel() == 0:
         return out
     _check_k(K)
-    p = plan(x, Ho, Wo, mode=mode)
-    R = prm.shape[1] if prm.dim() == 2 else 0
-    consts = dict(FORM=FORM_CODES[form], MODE=MODE_CODES[mode], PAD=PADDING_CODES[padding_mode],
-                  ALIGN=bool(align_corners), FMA=_true_fma(x.device), INT64=_int64(x, out, aux if form == "grid" else None),
-                  BLOCK_C=p.block_c)
-    key = (form, mode, padding_mode, C, H, W, Ho, Wo, K, x.dtype, p.block_c, x.stride(1) == 1)
-    for nb in _batches(N):
+    p = plan(x, pb.Do * pb.Ho, pb.Wo, mode=mode)
+    consts = dict(pb.consts(), INT64=_int64(x, out, aux if pb.form.per_pixel else None), BLOCK_C=p.block_c)
+    key = pb.key(p.block_c)
+    for nb in _batches(pb.N):
         xb, ob = x[nb], out[nb]
-        auxb = aux[nb] if form == "grid" else aux
-        auxb, s_a = _aux_args(form, auxb)
-        args = (xb, ob, _rows(prm, nb, K) if form != "grid" else prm, auxb, *xb.stride(), *ob.stride(), *s_a,
-                C, H, W, K, Ho, Wo, D, R, *_geometry(H, W, Ho, Wo, align_corners))
+        auxb, s_a = pb.aux_args(nb)
+        args = (xb, ob, pb.prm_rows(nb), auxb, *pb.x_strides(xb), *pb.out_strides(ob), *s_a,
+                pb.C, *pb.sizes(), *pb.geometry)
         _launch(sample_fwd_kernel, p, (K, nb.stop - nb.start), args, consts, x.device, key)
     return out
 
@@ -352,10 +423,10 @@ def _interpreter_has_atomic(dtype):
     return bool((t == 1).all())
 
 
-def half_accumulation(x, K, Ho, Wo, mode, p):
-    """Whether the input gradient of ``x`` accumulates in x's own half dtype (see
-    :data:`HALF_ACCUMULATE_MAX_CONTRIBUTIONS`) rather than in a float32 buffer."""
-    N, C, H, W = x.shape
+def half_accumulation(x, K, size, mode, p):
+    """Whether the input gradient of ``x`` (N, C, *in_size) accumulates in x's own half dtype (see
+    :data:`HALF_ACCUMULATE_MAX_CONTRIBUTIONS`) rather than in a float32 buffer; 2-D and 3-D alike."""
+    C = x.shape[1]
     if x.dtype not in (torch.float16, torch.bfloat16) or p.block_c * x.element_size() != VECTOR_BYTES:
         return False
     # whole, aligned 16-byte vectors only: never scalar bf16 atomics (compare-and-swap loops). The compiler
@@ -363,7 +434,7 @@ def half_accumulation(x, K, Ho, Wo, mode, p):
     # integer arguments divisible by 16), i.e. C % 16 == 0 for a channels-last gradient.
     if x.stride(1) != 1 or C % 16 != 0:
         return False
-    per_pixel = (1 << LOG2_TAPS[mode]) * K * Ho * Wo / max(H * W, 1)  # 4 bilinear, 1 nearest, 16 bicubic taps
+    per_pixel = taps(mode, x.dim() - 2) * K * math.prod(size) / max(math.prod(x.shape[2:]), 1)
     if per_pixel > HALF_ACCUMULATE_MAX_CONTRIBUTIONS:
         return False
     if x.device.type == "cpu":  # Triton's interpreter
@@ -382,111 +453,105 @@ def _target_arch():
         return 0
 
 
-def sample_backward(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_mode, align_corners,
+def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode, align_corners,
                     need_x, need_param, need_gg):
-    """Launch the backward kernel(s).
+    """Launch the backward kernel(s), 2-D or 3-D.
 
     Returns (dL/dx in x's dtype and layout or None, dL/dprm float32 (N*K, R) or None,
-    dL/dg float32 (N*K, Ho*Wo, 2) or None).
+    dL/dg float32 (N*K, P, ndim) or None).
     """
-    N, C, H, W = x.shape
-    NK, P = N * K, Ho * Wo
+    pb = _Problem(form, x, prm, aux, K, size, DM, mode, padding_mode, align_corners)
+    N, C, R, nd = pb.N, pb.C, pb.R, pb.ndim
+    NK, P = N * K, pb.P
     dev = x.device
     _check_k(K)
     if NK * C * P == 0:  # an empty output: every gradient is zero (or empty), and no kernel runs
         return (torch.zeros_like(x) if need_x else None,
                 torch.zeros((NK, R), dtype=torch.float32, device=dev) if need_param else None,
-                torch.zeros((NK, P, 2), dtype=torch.float32, device=dev) if need_gg else None)
+                torch.zeros((NK, P, nd), dtype=torch.float32, device=dev) if need_gg else None)
     deterministic = torch.are_deterministic_algorithms_enabled()
-    p = plan(x, Ho, Wo, backward=True, mode=mode)
-    geometry = _geometry(H, W, Ho, Wo, align_corners)
+    p = plan(x, pb.Do * pb.Ho, pb.Wo, backward=True, mode=mode, per_tile=pb.form.per_tile)
 
     grad_x = None
     half = False
     if need_x:
         if deterministic:
-            grad_x = _grad_input_deterministic(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_mode,
-                                               align_corners, geometry)
+            grad_x = _grad_input_deterministic(pb, grad_out)
         else:
-            half = half_accumulation(x, K, Ho, Wo, mode, p)
+            half = half_accumulation(x, K, pb.size, mode, p)
             grad_x = torch.zeros_like(x, dtype=x.dtype if half else torch.float32)
     atomics = need_x and not deterministic
     want_g = mode != "nearest" and (need_param or need_gg)  # nearest: dL/dg = 0, still pushed through the form
     # parameter partials: one per program, laid out for the most programs any candidate shape makes
-    tpp = tiles_per_program(form, p, C, K, N)
+    tpp = tiles_per_program(pb.form, p, C, K, N)
     NPROG = max(p.n_programs(bp, tpp) for bp, _ in _choices(p, dev))
-    part = _empty((NK, NPROG, R), torch.float32, dev) if (need_param and NK * P > 0) else None
-    gg = _empty((NK, P, 2), torch.float32, dev) if need_gg else None
+    part = _empty((NK, NPROG, R), torch.float32, dev) if need_param else None
+    gg = _empty((NK, P, nd), torch.float32, dev) if need_gg else None
     bp = p.block_p
-    if NK * P > 0 and (atomics or need_param or need_gg):
-        consts = dict(FORM=FORM_CODES[form], MODE=MODE_CODES[mode], PAD=PADDING_CODES[padding_mode],
-                      ALIGN=bool(align_corners), FMA=_true_fma(x.device), NEED_X=atomics, NEED_G=want_g, NEED_PARAM=part is not None,
-                      WRITE_GG=need_gg, INT64=_int64(x, grad_out, grad_x, aux if form == "grid" else None,
-                                                      extra=NK * max(2 * P, NPROG * R)),
+    if atomics or need_param or need_gg:
+        nacc = pb.form.nacc
+        consts = dict(pb.consts(), TERMS=pb.form.terms, NACC=nacc, NEED_X=atomics, NEED_G=want_g,
+                      NEED_PARAM=part is not None, WRITE_GG=need_gg,
+                      INT64=_int64(x, grad_out, grad_x, aux if pb.form.per_pixel else None,
+                                   extra=NK * max(nd * P, NPROG * R)),
                       BLOCK_C=p.block_c)
-        key = (form, mode, padding_mode, C, H, W, Ho, Wo, K, x.dtype, p.block_c, x.stride(1) == 1, atomics, half,
-               need_param, need_gg)
+        key = pb.key(p.block_c, atomics, half, need_param, need_gg)
         for nb in _batches(N):
             xb, gob = x[nb], grad_out[nb]
-            auxb = aux[nb] if form == "grid" else aux
-            auxb, s_a = _aux_args(form, auxb)
+            auxb, s_a = pb.aux_args(nb)
             d_buf = grad_x[nb] if atomics else prm[:1]  # a harmless stand-in when NEED_X is off
-            d_strides = d_buf.stride() if atomics else x.stride()
-            args = (xb, gob, d_buf, _rows(prm, nb, K) if form != "grid" else prm, auxb,
+            d_strides = pb.x_strides(d_buf if atomics else xb)
+            args = (xb, gob, d_buf, pb.prm_rows(nb), auxb,
                     _rows(part, nb, K) if part is not None else prm, _rows(gg, nb, K) if gg is not None else prm,
-                    *xb.stride(), *gob.stride(), *d_strides, *s_a,
-                    C, H, W, K, Ho, Wo, D, R, NPROG, p.n_ctiles, *geometry)
+                    *pb.x_strides(xb), *pb.out_strides(gob), *d_strides, *s_a,
+                    C, *pb.sizes(), NPROG, p.n_ctiles, *pb.geometry)
             bp, _ = _launch(sample_bwd_kernel, p, (K, nb.stop - nb.start), args, consts, dev, key,
                             reset=[d_buf] if atomics else None, tpp=tpp)
     if atomics and not half:
         grad_x = grad_x.to(x.dtype)
     grad_prm = None
-    if need_param:
-        if part is not None:  # the tiles of the shape launched, summed in a fixed order
-            grad_prm = part[:, :p.n_programs(bp, tpp)].sum(dim=1)
-        else:
-            grad_prm = torch.zeros((NK, R), dtype=torch.float32, device=dev)
+    if need_param:  # the tiles of the shape launched, summed in a fixed order
+        grad_prm = part[:, :p.n_programs(bp, tpp)].sum(dim=1)
     return grad_x, grad_prm, gg
 
 
-def _grad_input_deterministic(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode, padding_mode, align_corners,
-                              geometry):
-    N, C, H, W = x.shape
-    P, HW = Ho * Wo, H * W
-    log2_nc = LOG2_TAPS[mode]
+def _grad_input_deterministic(pb, grad_out):
+    """dL/dx as a gather: list the contributions, sort them by target pixel (stable), sum in order."""
+    x, K, N, C, P = pb.x, pb.K, pb.N, pb.C, pb.P
+    DHW = pb.D * pb.H * pb.W
+    log2_nc = log2_taps(pb.mode, pb.ndim)
     E = (K * P) << log2_nc
     grad_x = _empty_like(x)
     if grad_x.numel() == 0:
         return grad_x
     if E == 0:
         return grad_x.zero_()
-    int64 = _int64(x, grad_out, aux if form == "grid" else None, extra=max(N * E, N * (HW + 1)))
+    int64 = _int64(x, grad_out, pb.aux if pb.form.per_pixel else None, extra=max(N * E, N * (DHW + 1)))
     itype = torch.int64 if int64 else torch.int32
     idx = _empty((N, E), itype, x.device)
     wt = _empty((N, E), torch.float32, x.device)
     goff = _empty((N, K * P), itype, x.device)
-    p = plan(x, Ho, Wo, mode=mode)
-    consts = dict(FORM=FORM_CODES[form], MODE=MODE_CODES[mode], PAD=PADDING_CODES[padding_mode],
-                  ALIGN=bool(align_corners), FMA=_true_fma(x.device), INT64=int64, LOG2_NC=log2_nc, LOG2_TW=p.log2_tw, LOG2_CT=p.log2_ct,
+    p = plan(x, pb.Do * pb.Ho, pb.Wo, mode=pb.mode)
+    consts = dict(pb.consts(), INT64=int64, LOG2_NC=log2_nc, LOG2_TW=p.log2_tw, LOG2_CT=p.log2_ct,
                   BLOCK_P=p.block_p)
+    s_g = pb.out_strides(grad_out)
     for nb in _batches(N):
-        auxb = aux[nb] if form == "grid" else aux
-        auxb, s_a = _aux_args(form, auxb)
-        corner_index_kernel[(p.grid0(), K, nb.stop - nb.start)](
-            idx[nb], wt[nb], goff[nb], _rows(prm, nb, K) if form != "grid" else prm, auxb,
-            grad_out.stride(1), grad_out.stride(3), grad_out.stride(4), *s_a,
-            H, W, K, Ho, Wo, D, R, *geometry, **consts, num_warps=p.num_warps)
+        auxb, s_a = pb.aux_args(nb)
+        tap_index_kernel[(p.grid0(), K, nb.stop - nb.start)](
+            idx[nb], wt[nb], goff[nb], pb.prm_rows(nb), auxb, s_g[1], *s_g[3:], *s_a,
+            *pb.sizes(), *pb.geometry, **consts, num_warps=p.num_warps)
     sorted_idx, perm = torch.sort(idx, dim=1, stable=True)
-    targets = torch.arange(HW + 1, device=x.device, dtype=itype).expand(N, HW + 1).contiguous()
+    targets = torch.arange(DHW + 1, device=x.device, dtype=itype).expand(N, DHW + 1).contiguous()
     seg = torch.searchsorted(sorted_idx, targets, out_int32=not int64)
     # [BQ, BC] accumulators: at most 2048 (16 float32 registers per thread of 4 warps)
     block_c = min(triton.next_power_of_2(C), 32)
     block_q = max(16, min(128, 2048 // block_c))
     for nb in _batches(N):
-        gather_grad_input_kernel[(triton.cdiv(HW, block_q), triton.cdiv(C, block_c), nb.stop - nb.start)](
-            grad_x[nb], grad_out[nb], perm[nb], wt[nb], goff[nb], seg[nb], *grad_x.stride(),
-            grad_out.stride(0), grad_out.stride(2), C, H, W, E,
-            INT64=int64, EVEN_C=C % block_c == 0, LOG2_NC=log2_nc, BLOCK_Q=block_q, BLOCK_C=block_c, num_warps=4)
+        gather_grad_input_kernel[(triton.cdiv(DHW, block_q), triton.cdiv(C, block_c), nb.stop - nb.start)](
+            grad_x[nb], grad_out[nb], perm[nb], wt[nb], goff[nb], seg[nb], *pb.x_strides(grad_x),
+            grad_out.stride(0), grad_out.stride(2), C, pb.D, pb.H, pb.W, E,
+            NDIM=pb.ndim, INT64=int64, EVEN_C=C % block_c == 0, LOG2_NC=log2_nc, BLOCK_Q=block_q,
+            BLOCK_C=block_c, num_warps=4)
     return grad_x
 
 
@@ -494,15 +559,15 @@ def _grad_input_deterministic(form, grad_out, x, prm, aux, K, Ho, Wo, D, R, mode
 # dL/dB
 # --------------------------------------------------------------------------------------------------
 
-def basis_grad(prm, gg, D, P):
-    """dL/dB (D, P) float32 from M (N*K, 2*D) and dL/dg (N*K, P, 2), fixed order over (n, k)."""
-    NK = prm.shape[0]
-    gb = _empty((D, P), torch.float32, prm.device)
+def basis_grad(prm, gg, DM, P):
+    """dL/dB (DM, P) float32 from M (N*K, ndim*DM) and dL/dg (N*K, P, ndim), fixed order over (n, k)."""
+    NK, nd = prm.shape[0], gg.shape[-1]
+    gb = _empty((DM, P), torch.float32, prm.device)
     if gb.numel() == 0:
         return gb
     block_p = 64
     basis_grad_kernel[(triton.cdiv(P, block_p),)](
-        gb, prm, gg, NK, D, P, BLOCK_D=triton.next_power_of_2(max(D, 1)), BLOCK_P=block_p,
+        gb, prm, gg, NK, DM, P, NDIM=nd, BLOCK_D=triton.next_power_of_2(max(DM, 1)), BLOCK_P=block_p,
     )
     return gb
 
@@ -513,21 +578,18 @@ def basis_grad(prm, gg, D, P):
 
 def static_hints(name, args, grid):
     """What the launcher knows and the compiled code does not: how many programs have pixels (the
-    others return at once) and the expected trips of data-dependent loops. The volume kernels'
-    (:mod:`.launch_volume`) are answered by :func:`.launch_volume.static_hints3d`."""
-    if name in ("sample_fwd_kernel", "sample_bwd_kernel", "corner_index_kernel"):
+    others return at once) and the expected trips of data-dependent loops; {} for other kernels."""
+    if name in ("sample_fwd_kernel", "sample_bwd_kernel", "tap_index_kernel"):
         tw = 1 << args["LOG2_TW"]
         n_ctiles = triton.cdiv(args["Wo"], tw)
         groups = grid[0] >> args["LOG2_CT"]
         hints = {"programs_with_work": groups * n_ctiles * grid[1] * grid[2]}
         if name == "sample_bwd_kernel":  # row tiles per program: TPP, fewer in the last column
-            rows = triton.cdiv(args["Ho"], args["BLOCK_P"] >> args["LOG2_TW"])
+            rows = triton.cdiv(args.get("Do", 1) * args["Ho"], args["BLOCK_P"] >> args["LOG2_TW"])
             hints["trips"] = {"0, n_here": rows / max(groups, 1)}
         return hints
     if name == "gather_grad_input_kernel":
-        # contributions per input pixel on average: E / (H * W); the loop runs to the block's maximum
-        mean = args["E"] / max(args["H"] * args["W"], 1)
+        # contributions per input pixel on average: E / (D * H * W); the loop runs to the block's maximum
+        mean = args["E"] / max(args.get("D", 1) * args["H"] * args["W"], 1)
         return {"trips": {"0, n_max": math.ceil(mean)}}
-    from .launch_volume import static_hints3d  # imported here: launch_volume imports this module
-
-    return static_hints3d(name, args, grid)
+    return {}

@@ -1,4 +1,4 @@
-"""Projective form: ``[u, v, w] = H (3x3) @ [x_p, y_p, 1]``, coordinate ``(u / w, v / w)``.
+"""Projective form (2-D): ``[u, v, w] = H (3x3) @ [x_p, y_p, 1]``, coordinate ``(u / w, v / w)``.
 
 .. math::
 
@@ -15,34 +15,46 @@ A pixel with ``w = 0`` has a non-finite coordinate: it reads nothing (zeros padd
 ``bar u``, ``bar v``, ``bar w`` follow IEEE arithmetic, as autograd through the division does.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+import transforms_registry
 
-@triton.jit
-def projective_coords(p_h, x, y):
-    # p_h: float32 [9], H row-major for this (n, k); x, y: [BLOCK_P] base grid
-    h0 = tl.load(p_h + 0)
-    h1 = tl.load(p_h + 1)
-    h2 = tl.load(p_h + 2)
-    h3 = tl.load(p_h + 3)
-    h4 = tl.load(p_h + 4)
-    h5 = tl.load(p_h + 5)
-    h6 = tl.load(p_h + 6)
-    h7 = tl.load(p_h + 7)
-    h8 = tl.load(p_h + 8)
-    u = h0 * x + h1 * y + h2
-    v = h3 * x + h4 * y + h5
-    w = h6 * x + h7 * y + h8
-    return u / w, v / w, w
+from .common import stack16
 
 
 @triton.jit
-def projective_param_terms(a0, a1, a2, a3, a4, a5, a6, a7, a8, x, y, gx, gy, w, gg_x, gg_y, mask_p):
-    # the nine per-pixel terms of dL/dH added to the running sums a0..a8 [BLOCK_P]; gx, gy, w from
-    # projective_coords; mask_p: pixel exists
+def projective_coords(p_h, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, NDIM: tl.constexpr):
+    # p_h: float32 [9], H row-major for this (n, k); b: (x, y, -) [BP] base grid
+    tl.static_assert(NDIM == 2, "the projective form is 2-D")
+    x, y, _ = b
+    u = tl.load(p_h + 0) * x + tl.load(p_h + 1) * y + tl.load(p_h + 2)
+    v = tl.load(p_h + 3) * x + tl.load(p_h + 4) * y + tl.load(p_h + 5)
+    w = tl.load(p_h + 6) * x + tl.load(p_h + 7) * y + tl.load(p_h + 8)
+    gx = u / w
+    return (gx, v / w, gx), w
+
+
+@triton.jit
+def projective_terms(acc, p_part, p_aux, q, mask_p, P, DM, b, g, w, gg, NDIM: tl.constexpr):
+    # acc: [BP, 16] running sums of dL/dH's nine per-pixel terms (row-major, then padding)
+    x, y, _ = b
+    gx, gy, _ = g
+    gg_x, gg_y, _ = gg
     g_u = tl.where(mask_p, gg_x / w, 0.0)
     g_v = tl.where(mask_p, gg_y / w, 0.0)
     g_w = tl.where(mask_p, -(gg_x * gx + gg_y * gy) / w, 0.0)
-    return (a0 + g_u * x, a1 + g_u * y, a2 + g_u, a3 + g_v * x, a4 + g_v * y, a5 + g_v,
-            a6 + g_w * x, a7 + g_w * y, a8 + g_w)
+    zero = tl.zeros_like(x)
+    acc += stack16(g_u * x, g_u * y, g_u, g_v * x, g_v * y, g_v, g_w * x, g_w * y, g_w,
+                   zero, zero, zero, zero, zero, zero, zero)
+    return acc
+
+
+def projective_grid(params, size, align_corners):
+    """h (N, K, 3, 3) -> grid (N, K, Ho, Wo, 2), dividing by the third homogeneous coordinate."""
+    h = params[0]
+    N, K = h.shape[:2]
+    base = transforms_registry.base_grid(size, align_corners, h.dtype, h.device).T  # (P, 3)
+    uvw = torch.einsum("nkij,pj->nkpi", h, base)
+    return (uvw[..., :2] / uvw[..., 2:]).reshape(N, K, *size, 2)

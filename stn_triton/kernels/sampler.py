@@ -1,151 +1,362 @@
-"""The fused sampler: one forward and one backward kernel, specialised per form at compile time.
+"""The fused sampler, written once for 2-D and 3-D: forward, backward, deterministic index and gather
+kernels, each specialised at compile time by the form (its coordinate map ``COORDS`` and parameter
+terms ``TERMS``, :mod:`stn_triton.kernels.forms`), the dimension ``NDIM``, the mode and the padding.
 
-Forward, for output pixel p = (i, j) of transform (n, k) and channel c:
+Input U (N, C, [D,] H, W), output V (N, K, C, [Do,] Ho, Wo). For output pixel p of transform (n, k):
 
 .. math::
 
-    g_p = T_\\theta(p) \\quad (\\text{form: affine, projective, basis or grid}), \\qquad
-    i_p = \\mathrm{pad}(a \\odot g_p + b)
+    g_p = T_\\theta(p) \\quad (\\text{the form}), \\qquad
+    i_{a,p} = \\mathrm{pad}(\\mathrm{unnormalize}(g_{a,p})) \\quad (a = x, y[, z])
 
-    V_{n,k,c,p} = \\sum_{q \\in \\text{corners}(i_p)} w_{q}(i_p) \\, U_{n,c,q}
+    V_{n,k,c,p} = \\sum_{\\text{taps } q} \\prod_a w_{a,q_a}(t_a) \\, U_{n,c,q}
+
+Taps per axis (``NT``): linear 2 (``w = 1 - t, t``; PyTorch's bilinear, trilinear on 5-D input),
+nearest 1 (the rounded index, halves to even), cubic 4 (PyTorch's cubic convolution, A = -0.75, each
+tap padded on its own: :mod:`stn_triton.kernels.common`). A pixel's taps are ``NT ** NDIM``: the
+product of its axes' taps, enumerated as rows (every axis but x: ``NT ** (NDIM - 1)`` of them, row
+``r`` = y tap ``r % NT``, z tap ``r // NT``) of ``NT`` taps along x. Linear and nearest rows are
+unrolled; cubic rows are a loop, so that one row's loads are in flight at a time (fewer registers).
 
 Backward, with :math:`\\bar V` the incoming gradient:
 
 .. math::
 
-    \\bar U_{n,c,q} \\mathrel{+}= \\sum_{k,p} w_q(i_p) \\, \\bar V_{n,k,c,p}
+    \\bar U_{n,c,q} \\mathrel{+}= \\sum_{k,p} w_q(i_p) \\, \\bar V_{n,k,c,p}, \\qquad
+    \\bar g_{a,p} = s_a(i_{a,p}) \\sum_c \\bar V_{c,p} \\sum_q \\frac{\\partial w_q}{\\partial t_a} U_{c,q}
 
-    \\bar g_{x,p} = a_x \\mathrm{pad}'(i_x) \\sum_c \\bar V_{c,p}
-        \\left[(1-t_y)(U_{ne} - U_{nw}) + t_y (U_{se} - U_{sw})\\right]
+where :math:`s_a` is ``d i / d g`` (the unnormalising scale times the padding's derivative) and
+:math:`\\partial w_q / \\partial t_a` replaces axis a's weight by its derivative (``e``: -1, +1 for
+linear, the coefficients' derivatives for cubic). In the code, per row: ``sx`` is the row
+interpolated along x and ``dx`` its x-derivative; ``h_x += w_row * dx``, ``h_y += e_y w_z * sx``,
+``h_z += w_y e_z * sx``; then ``gg_a = s_a * sum_c go * h_a``. The form turns :math:`\\bar g` into its
+parameters' gradient: a block of per-pixel terms (``TERMS``) summed over the program's pixels in
+float32, stage one of a fixed-order two-stage reduction (the host sums the programs' partials).
 
-(and the same for y), then the form turns :math:`\\bar g` into its parameters' gradient (see each
-form's module). In the code, ``gg_x, gg_y`` are :math:`\\bar g`, ``tx, ty`` are
-:math:`i - \\lfloor i \\rfloor`, ``sx, sy`` are :math:`1 - t`.
+Launch shape (every kernel here): a 3-D grid ``(tile, k, n)`` over the output's plane of rows
+``r = d * Ho + i`` (2-D: ``r = i``) and columns ``j``. A tile is ``TILE_H x TILE_W`` pixels,
+``TILE_W = 2**LOG2_TW``, so a pixel's row and column are a shift and a mask of its lane; column tiles
+are numbered up to ``2**LOG2_CT`` (the programs past the image return at once). Offsets are int32
+unless a tensor reaches past 2^31 elements (``INT64``).
 
-Bicubic (``MODE == 2``, PyTorch's cubic convolution, :mod:`stn_triton.kernels.common`): 4 x 4 taps
-whose integer coordinates are padded one by one, weights :math:`c_j(t_y) c_i(t_x)` computed once per
-pixel (``cx*``, ``cy*``; their derivatives ``ex*``, ``ey*``), then for each step of channels a loop
-over the four rows of taps (a loop, so that one row's loads are in flight at a time rather than all
-16: fewer registers). The backward scatters 16 contributions per pixel and
-
-.. math::
-
-    \\bar g_{x,p} = a_x \\sum_c \\bar V_{c,p} \\sum_{j} c_j(t_y) \\sum_i c_i'(t_x)\\, U_{c,j,i}, \\qquad
-    \\bar g_{y,p} = a_y \\sum_c \\bar V_{c,p} \\sum_{j} c_j'(t_y) \\sum_i c_i(t_x)\\, U_{c,j,i}
-
-Launch shape (every kernel here): a 3-D grid ``(pixel tile, k, n)``. A pixel tile is
-``TILE_H x TILE_W`` output pixels, ``TILE_W = 2**LOG2_TW``, so a pixel's row and column are a shift
-and a mask of its lane, never a division. Column tiles are numbered up to the power of two
-``2**LOG2_CT`` (row tile ``pid >> LOG2_CT``, column tile ``pid & (2**LOG2_CT - 1)``); the few
-programs whose column tile lies past the image return at once. Offsets are int32 unless a tensor
-reaches past 2^31 elements (``INT64``).
-
-The input gradient is a scatter: relaxed atomics (no fences) into either a float32 buffer or, for
+The input gradient is a scatter: relaxed atomics (no fences) into a float32 buffer or, for
 channels-last half-precision inputs with few contributions per pixel, the gradient itself with
 16-byte vector atomics (the launcher decides: :mod:`stn_triton.kernels.launch`). Under
-``torch.use_deterministic_algorithms(True)`` it is a gather instead: :func:`corner_index_kernel` lists
-each (pixel, corner) contribution's target input pixel and weight (4 corners bilinear, 1 nearest, 16
-taps bicubic), the host sorts them by target with
-a stable sort, and :func:`gather_grad_input_kernel` sums each input pixel's contributions in that
+``torch.use_deterministic_algorithms(True)`` it is a gather instead: :func:`tap_index_kernel` lists
+each (pixel, tap) contribution's target input pixel and weight, the host sorts them by target with a
+stable sort, and :func:`gather_grad_input_kernel` sums each input pixel's contributions in that
 fixed order.
 """
 
 import triton
 import triton.language as tl
 
-from .affine import affine_coords, affine_param_terms
-from .basis import basis_coords, basis_param_grad
-from .common import (bilinear_corners, cubic_coefficients, cubic_coefficients_grad, cubic_source, cubic_tap,
-                     round_half_even, source_index, store_sums)
-from .grid import grid_coords
-from .projective import projective_coords, projective_param_terms
+from .codes import MODE_CUBIC, MODE_LINEAR, MODE_NEAREST
+from .common import cubic_coefficients, cubic_coefficients_grad, cubic_source, cubic_tap, round_half_even, source_index
 
-FORM_AFFINE, FORM_PROJECTIVE, FORM_BASIS, FORM_GRID = 0, 1, 2, 3
-FORM_CODES = {"affine": FORM_AFFINE, "projective": FORM_PROJECTIVE, "basis": FORM_BASIS, "grid": FORM_GRID}
 
+# --------------------------------------------------------------------------------------------------
+# Pixels and coordinates
+# --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _tile(Ho, Wo, INT64: tl.constexpr, LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr, BLOCK_P: tl.constexpr):
-    """This program's (n, k), tile, and its pixels' rows ``i`` and columns ``j`` ([BLOCK_P] each)."""
+def _tile(R_OUT, Wo, INT64: tl.constexpr, LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr, BLOCK_P: tl.constexpr):
+    """This program's (n, k), tile, and its pixels' plane rows ``r`` (of R_OUT = Do*Ho) and columns ``j``."""
     pid_p = tl.program_id(0)
     k = tl.program_id(1)
     n = tl.program_id(2)
     tile_r = pid_p >> LOG2_CT
     tile_c = pid_p & ((1 << LOG2_CT) - 1)
-    r = tl.arange(0, BLOCK_P)
-    i = tile_r * (BLOCK_P >> LOG2_TW) + (r >> LOG2_TW)  # [BP]
-    j = tile_c * (1 << LOG2_TW) + (r & ((1 << LOG2_TW) - 1))  # [BP]
+    lane = tl.arange(0, BLOCK_P)
+    r = tile_r * (BLOCK_P >> LOG2_TW) + (lane >> LOG2_TW)  # [BP]
+    j = tile_c * (1 << LOG2_TW) + (lane & ((1 << LOG2_TW) - 1))  # [BP]
     if INT64:
         n = n.to(tl.int64)
         k = k.to(tl.int64)
-        i = i.to(tl.int64)
+        r = r.to(tl.int64)
         j = j.to(tl.int64)
-    mask_p = (i < Ho) & (j < Wo)
-    return n, k, tile_r, tile_c, i, j, mask_p
+    mask_p = (r < R_OUT) & (j < Wo)
+    return n, k, tile_r, tile_c, r, j, mask_p
 
 
 @triton.jit
-def _form_coords(
-    FORM: tl.constexpr, p_prm_nk, p_aux, p_aux_nk, i, j, mask_p, Wo, P, D,
-    s_ah, s_aw, s_ac, bsx, box, bsy, boy,
-):
-    """Normalised sampling coordinate of each pixel, plus what the backward needs of the form."""
-    x = j.to(tl.float32) * bsx + box  # affine_grid's base grid
-    y = i.to(tl.float32) * bsy + boy
-    w = tl.full(x.shape, 1.0, tl.float32)
-    if FORM == 0:
-        gx, gy = affine_coords(p_prm_nk, x, y)
-    elif FORM == 1:
-        gx, gy, w = projective_coords(p_prm_nk, x, y)
-    elif FORM == 2:
-        gx, gy = basis_coords(p_prm_nk, p_aux, i * Wo + j, mask_p, D, P)
+def _offset(d, i, j, s_d, s_h, s_w, NDIM: tl.constexpr):
+    """The offset of pixel (d, i, j) under strides (s_d, s_h, s_w); 2-D pixels have no depth."""
+    if NDIM == 3:
+        return d * s_d + i * s_h + j * s_w
     else:
-        gx, gy = grid_coords(p_aux_nk, i, j, mask_p, s_ah, s_aw, s_ac)
-    return gx, gy, x, y, w
+        return i * s_h + j * s_w
 
 
 @triton.jit
-def _corners(ix, iy, W, H, mask_p, s_h, s_w, INT64: tl.constexpr):
-    """The four bilinear neighbours of each pixel's source point, as [BP, 1] blocks: the offset of the
-    north-west one (strides ``s_h``, ``s_w``), each one's mask (the pixel exists and the neighbour lies
-    inside the image) and weight; also the corners and fractions the backward needs."""
-    x0, y0, tx, ty, sx, sy, in_x0, in_x1, in_y0, in_y1 = bilinear_corners(ix, iy, W, H, INT64)
-    o_nw = (y0 * s_h + x0 * s_w)[:, None]
-    m_nw = (mask_p & in_y0 & in_x0)[:, None]
-    m_ne = (mask_p & in_y0 & in_x1)[:, None]
-    m_sw = (mask_p & in_y1 & in_x0)[:, None]
-    m_se = (mask_p & in_y1 & in_x1)[:, None]
-    w_nw = (sx * sy)[:, None]
-    w_ne = (tx * sy)[:, None]
-    w_sw = (sx * ty)[:, None]
-    w_se = (tx * ty)[:, None]
-    return x0, y0, tx, ty, sx, sy, o_nw, m_nw, m_ne, m_sw, m_se, w_nw, w_ne, w_sw, w_se
+def _coords(COORDS: tl.constexpr, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s_ac, r, j, mask_p, Ho, Wo, P, DM,
+            bsx, box, bsy, boy, bsz, boz, NDIM: tl.constexpr):
+    """Each pixel's depth ``d`` and row ``i`` (``d`` is a stand-in in 2-D), the base grid ``b`` = (x, y, z)
+    (``affine_grid``'s, from the index), and the form's normalised coordinate ``g`` = (gx, gy, gz) and
+    extra value ``w`` (the projective denominator; a stand-in elsewhere). 2-D: z and gz are stand-ins."""
+    if NDIM == 3:
+        d = r // Ho
+        i = r - d * Ho
+    else:
+        d = r
+        i = r
+    x = j.to(tl.float32) * bsx + box
+    y = i.to(tl.float32) * bsy + boy
+    if NDIM == 3:
+        z = d.to(tl.float32) * bsz + boz
+    else:
+        z = x
+    b = (x, y, z)
+    g, w = COORDS(p_prm_nk, p_aux, p_aux_nk + _offset(d, i, j, s_ad, s_ah, s_aw, NDIM), s_ac, r * Wo + j, b,
+                  mask_p, P, DM, NDIM)
+    return d, i, b, g, w
 
 
 @triton.jit
-def _load_corners(p, o_nw, o_c, s_h, s_w, m_nw, m_ne, m_sw, m_se, mask_c):
-    """U at the four neighbours, [BP, BC] float32 each (0 outside the image)."""
-    v_nw = tl.load(p + o_nw + o_c, mask=m_nw & mask_c, other=0.0).to(tl.float32)
-    v_ne = tl.load(p + (o_nw + s_w) + o_c, mask=m_ne & mask_c, other=0.0).to(tl.float32)
-    v_sw = tl.load(p + (o_nw + s_h) + o_c, mask=m_sw & mask_c, other=0.0).to(tl.float32)
-    v_se = tl.load(p + (o_nw + s_h + s_w) + o_c, mask=m_se & mask_c, other=0.0).to(tl.float32)
-    return v_nw, v_ne, v_sw, v_se
+def _source(g, size, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr):
+    """Normalised coordinate -> pixel coordinate and ``d i / d g``: padded (linear, nearest), or
+    unpadded with each tap padded later (cubic)."""
+    if MODE == MODE_CUBIC:
+        return cubic_source(g, size, PAD, ALIGN, FMA)
+    else:
+        return source_index(g, size, PAD, ALIGN, FMA)
 
 
 @triton.jit
-def _nearest(ix, iy, W, H, INT64: tl.constexpr):
-    """The nearest pixel (halves to even, as ``nearbyint``) and whether it lies inside the image."""
-    xr = round_half_even(ix)
-    yr = round_half_even(iy)
-    xr = xr.to(tl.int64) if INT64 else xr.to(tl.int32)
-    yr = yr.to(tl.int64) if INT64 else yr.to(tl.int32)
-    return xr, yr, (xr >= 0) & (xr < W) & (yr >= 0) & (yr < H)
+def _axis(i, size, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr,
+          TARGETS: tl.constexpr):
+    """One axis of each pixel's taps, as NT-tuples of [BP] values: integer coordinates ``q`` (raw: the
+    mask says whether it lies in the image), the same clamped into the image ``c`` (scatter targets;
+    ``TARGETS``, else a stand-in), masks ``m``, weights ``w`` and their derivatives ``e`` wrt the
+    fraction. (Tuples as long as the taps: Triton's interpreter runs every operation it is given.)"""
+    if MODE == MODE_CUBIC:
+        f = tl.floor(i)
+        t = i - f
+        q0, m0 = cubic_tap(f - 1.0, size, PAD, ALIGN, INT64)  # padded and clamped already
+        q1, m1 = cubic_tap(f, size, PAD, ALIGN, INT64)
+        q2, m2 = cubic_tap(f + 1.0, size, PAD, ALIGN, INT64)
+        q3, m3 = cubic_tap(f + 2.0, size, PAD, ALIGN, INT64)
+        q = (q0, q1, q2, q3)
+        return q, q, (m0, m1, m2, m3), cubic_coefficients(t), cubic_coefficients_grad(t)
+    elif MODE == MODE_NEAREST:
+        fr = round_half_even(i)
+        q0 = fr.to(tl.int64) if INT64 else fr.to(tl.int32)
+        m0 = (q0 >= 0) & (q0 < size)
+        if TARGETS:
+            c0 = tl.minimum(tl.maximum(q0, 0), size - 1)
+        else:
+            c0 = q0
+        one = tl.full(i.shape, 1.0, tl.float32)
+        return (q0,), (c0,), (m0,), (one,), (one,)  # the derivative is never used (piecewise constant)
+    else:
+        f = tl.floor(i)
+        t = i - f  # i - q0
+        q0 = f.to(tl.int64) if INT64 else f.to(tl.int32)  # |i| < 2^30 after source_index
+        q1 = q0 + 1
+        m0 = (q0 >= 0) & (q0 < size)
+        m1 = (q1 >= 0) & (q1 < size)
+        if TARGETS:
+            c = (tl.minimum(tl.maximum(q0, 0), size - 1), tl.minimum(tl.maximum(q1, 0), size - 1))
+        else:
+            c = (q0, q1)
+        lo = tl.full(i.shape, -1.0, tl.float32)
+        hi = tl.full(i.shape, 1.0, tl.float32)
+        return (q0, q1), c, (m0, m1), (1.0 - t, t), (lo, hi)
 
+
+@triton.jit
+def _taps(g, mask_p, W, H, D, s_w, s_h, s_d, t_w, t_h, t_d, MODE: tl.constexpr, PAD: tl.constexpr,
+          ALIGN: tl.constexpr, FMA: tl.constexpr, INT64: tl.constexpr, NDIM: tl.constexpr, TARGETS: tl.constexpr,
+          COL: tl.constexpr):
+    """Every axis' taps of each pixel's coordinate ``g``, as NT-tuples of [BP, 1] blocks (``COL``; else
+    [BP]): per axis (offsets under the strides ``s_*``, clamped targets under the strides ``t_*``
+    (``TARGETS``), masks, weights, weights' derivatives), y's masks with the pixel's own (so every
+    row's is); and ``d i / d g`` per axis ([BP]). 2-D: the z axis is a stand-in (y's)."""
+    ix, dix = _source(g[0], W, MODE, PAD, ALIGN, FMA)
+    iy, diy = _source(g[1], H, MODE, PAD, ALIGN, FMA)
+    qx, cx, mx, wx, ex = _axis(ix, W, MODE, PAD, ALIGN, INT64, TARGETS)
+    qy, cy, my, wy, ey = _axis(iy, H, MODE, PAD, ALIGN, INT64, TARGETS)
+    if MODE == MODE_NEAREST:
+        my = (mask_p & my[0],)
+    elif MODE == MODE_LINEAR:
+        my = (mask_p & my[0], mask_p & my[1])
+    else:
+        my = (mask_p & my[0], mask_p & my[1], mask_p & my[2], mask_p & my[3])
+    ax = (_scaled(qx, s_w, MODE, COL, True), _scaled(cx, t_w, MODE, COL, False), _col(mx, MODE, COL),
+          _col(wx, MODE, COL), _col(ex, MODE, COL))
+    ay = (_scaled(qy, s_h, MODE, COL, True), _scaled(cy, t_h, MODE, COL, False), _col(my, MODE, COL),
+          _col(wy, MODE, COL), _col(ey, MODE, COL))
+    if NDIM == 3:
+        iz, diz = _source(g[2], D, MODE, PAD, ALIGN, FMA)
+        qz, cz, mz, wz, ez = _axis(iz, D, MODE, PAD, ALIGN, INT64, TARGETS)
+        az = (_scaled(qz, s_d, MODE, COL, True), _scaled(cz, t_d, MODE, COL, False), _col(mz, MODE, COL),
+              _col(wz, MODE, COL), _col(ez, MODE, COL))
+    else:
+        diz = diy
+        az = ay
+    return ax, ay, az, (dix, diy, diz)
+
+
+@triton.jit
+def _col(v, MODE: tl.constexpr, COL: tl.constexpr):
+    """An NT-tuple of [BP] values as [BP, 1] blocks (``COL``), or as they are."""
+    if COL:
+        if MODE == MODE_NEAREST:
+            return (v[0][:, None],)
+        elif MODE == MODE_LINEAR:
+            return v[0][:, None], v[1][:, None]
+        else:
+            return v[0][:, None], v[1][:, None], v[2][:, None], v[3][:, None]
+    else:
+        return v
+
+
+@triton.jit
+def _scaled(q, s, MODE: tl.constexpr, COL: tl.constexpr, RAW: tl.constexpr):
+    """Each tap coordinate times the stride ``s``, as [BP, 1] blocks (``COL``) or [BP]. Raw linear taps
+    are neighbours: the second is the first plus ``s`` (not so once clamped into the image)."""
+    if MODE == MODE_LINEAR:
+        o0 = q[0] * s
+        if RAW:
+            o = (o0, o0 + s)
+        else:
+            o = (o0, q[1] * s)
+    elif MODE == MODE_NEAREST:
+        o = (q[0] * s,)
+    else:
+        o = (q[0] * s, q[1] * s, q[2] * s, q[3] * s)
+    return _col(o, MODE, COL)
+
+
+@triton.jit
+def _pick(r, v, NT: tl.constexpr):
+    """``v[r]`` for a loop index ``r`` < NT (a run-time one: a chain of selects)."""
+    if NT == 1:
+        return v[0]
+    elif NT == 2:
+        return tl.where(r == 0, v[0], v[1])
+    else:
+        return tl.where(r == 0, v[0], tl.where(r == 1, v[1], tl.where(r == 2, v[2], v[3])))
+
+
+@triton.jit
+def _row(r, oy, my, wy, ey, oz, mz, wz, ez, NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr):
+    """Row ``r``'s offset, mask, weight, and the weight's derivatives along y and z (every axis but x;
+    2-D: y alone). ``STATIC``: ``r`` is a compile-time index (unrolled rows)."""
+    if NDIM == 2:
+        if STATIC:
+            return oy[r], my[r], wy[r], ey[r], wy[r]
+        else:
+            return _pick(r, oy, NT), _pick(r, my, NT), _pick(r, wy, NT), _pick(r, ey, NT), _pick(r, wy, NT)
+    else:
+        if STATIC:
+            a: tl.constexpr = r % NT  # annotated: a plain local would become a tensor, not an index
+            c: tl.constexpr = r // NT
+            o, m, w_y, e_y, w_z, e_z = oy[a] + oz[c], my[a] & mz[c], wy[a], ey[a], wz[c], ez[c]
+        else:
+            a = r % NT
+            c = r // NT
+            w_y, e_y, w_z, e_z = _pick(a, wy, NT), _pick(a, ey, NT), _pick(c, wz, NT), _pick(c, ez, NT)
+            o = _pick(a, oy, NT) + _pick(c, oz, NT)
+            m = _pick(a, my, NT) & _pick(c, mz, NT)
+        return o, m, w_y * w_z, e_y * w_z, w_y * e_z
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _tap(p, o_r, ox, m_r, mx, o_c, mask_c):
+    """U at one tap, [BP, BC] float32 (0 outside the image): ``p`` image n, ``o_r + ox`` the tap's offset,
+    ``o_c`` [1, BC] the step's channels. Pointer and mask are built tap first, channels last, so that
+    with unrolled rows everything but the channel step is loop-invariant (hoisted out of the channel loop)."""
+    return tl.load(p + o_r + ox + o_c, mask=(m_r & mx) & mask_c, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fwd_row(r, v, p_x, o_c, ox, mx, wx, oy, my, wy, ey, oz, mz, wz, ez, mask_c,
+             NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr):
+    """``v`` plus row ``r`` of the taps: ``w_row * sum_b w_b U_b`` ([BP, BC]; ``p_x``: image n, ``o_c``:
+    [1, BC] offsets of the step's channels). Unrolled rows weigh each tap once (its weight is
+    loop-invariant in the channel loop); looped rows interpolate along x first."""
+    o_r, m_r, w_r, _, _ = _row(r, oy, my, wy, ey, oz, mz, wz, ez, NT, NDIM, STATIC)
+    if STATIC:
+        for b in tl.static_range(NT):
+            v += (w_r * wx[b]) * _tap(p_x, o_r, ox[b], m_r, mx[b], o_c, mask_c)
+    else:
+        s = wx[0] * _tap(p_x, o_r, ox[0], m_r, mx[0], o_c, mask_c)
+        for b in tl.static_range(1, NT):
+            s += wx[b] * _tap(p_x, o_r, ox[b], m_r, mx[b], o_c, mask_c)
+        v += w_r * s
+    return v
+
+
+@triton.jit
+def sample_fwd_kernel(
+    p_x,    # input U [N, C, (D,) H, W], strides s_x* (any layout; s_xd unused in 2-D)
+    p_out,  # output V [N, K, C, (Do,) Ho, Wo], strides s_o*
+    p_prm,  # float32 [N*K, R]: the form's matrix (affine 6 / 12, projective 9, basis NDIM*DM)
+    p_aux,  # basis: float32 B [DM, P]; grid: grid [N, K, (Do,) Ho, Wo, NDIM], strides s_a*; else unused
+    s_xn, s_xc, s_xd, s_xh, s_xw,
+    s_on, s_ok, s_oc, s_od, s_oh, s_ow,
+    s_an, s_ak, s_ad, s_ah, s_aw, s_ac,
+    C, D, H, W, K, Do, Ho, Wo, DM, R,
+    bsx, box, bsy, boy, bsz, boz,  # base grid x_j = bsx * j + box, y_i = bsy * i + boy, z_d = bsz * d + boz
+    COORDS: tl.constexpr,   # the form's coordinate map (a @triton.jit function)
+    NDIM: tl.constexpr,     # 2 or 3
+    MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr,
+    NT: tl.constexpr,       # taps per axis: 2 linear, 1 nearest, 4 cubic
+    FMA: tl.constexpr,      # a correctly rounded multiply-add is available (compiled; see common.unnormalize)
+    INT64: tl.constexpr,    # some offset may pass 2^31: 64-bit index arithmetic
+    EVEN_C: tl.constexpr,   # C % BLOCK_C == 0: no channel mask
+    LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr,  # tile width 2**LOG2_TW; column tiles numbered to 2**LOG2_CT
+    BLOCK_P: tl.constexpr,  # pixels per program (a power of two, >= the tile width)
+    BLOCK_C: tl.constexpr,  # channels per step: 1 (planar inputs) or a 16-byte vector (channels-last)
+):
+    n, k, tile_r, tile_c, r, j, mask_p = _tile(Do * Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P)
+    if tile_c * (1 << LOG2_TW) >= Wo:  # a column tile past the image (2**LOG2_CT rounds up)
+        return
+    P = Do * Ho * Wo
+    nk = n * K + k
+    d, i, b, g, w = _coords(COORDS, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, s_ad, s_ah, s_aw, s_ac,
+                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, NDIM)
+    ax, ay, az, _ = _taps(g, mask_p, W, H, D, s_xw, s_xh, s_xd, s_xw, s_xh, s_xd, MODE, PAD, ALIGN, FMA, INT64,
+                          NDIM, False, True)
+    ox, _, mx, wx, _ = ax
+    oy, _, my, wy, ey = ay
+    oz, _, mz, wz, ez = az
+
+    p_xn = p_x + n * s_xn
+    p_on = p_out + n * s_on + k * s_ok
+    o_out = _offset(d, i, j, s_od, s_oh, s_ow, NDIM)[:, None]  # [BP, 1]
+    m_out = mask_p[:, None]
+    NR: tl.constexpr = NT ** (NDIM - 1)  # rows of taps
+    offs_c = tl.arange(0, BLOCK_C)[None, :]  # [1, BC]
+    for c0 in range(0, C, BLOCK_C):
+        if EVEN_C:
+            mask_c = offs_c < BLOCK_C  # all true, folded away
+        else:
+            mask_c = (c0 + offs_c) < C
+        o_c = (c0 + offs_c) * s_xc  # [1, BC]
+        v = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        if MODE == MODE_CUBIC:
+            for rr in range(0, NT ** (NDIM - 1)):  # a loop: one row's loads in flight at a time (see the module doc)
+                v = _fwd_row(rr, v, p_xn, o_c, ox, mx, wx, oy, my, wy, ey, oz, mz, wz, ez, mask_c, NT, NDIM, False)
+        else:
+            for rr in tl.static_range(NR):
+                v = _fwd_row(rr, v, p_xn, o_c, ox, mx, wx, oy, my, wy, ey, oz, mz, wz, ez, mask_c, NT, NDIM, True)
+        tl.store(p_on + o_out + (c0 + offs_c) * s_oc, v.to(p_out.dtype.element_ty), mask=m_out & mask_c)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _scatter_add(ptr, v, m, mask_c, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
     """``*ptr += v`` where ``m``: relaxed atomics (no fence) in ``ptr``'s dtype. ``ptr`` [BP, BC] always
-    points inside the gradient (corners are clamped into it).
+    points inside the gradient (targets are clamped into it).
 
     One channel per step: every lane adds (an exact 0 where ``m`` is false), because a predicated atomic
     compiles to a branch around it. A vector of channels: one predicate per vector, cheaper than
@@ -161,213 +372,83 @@ def _scatter_add(ptr, v, m, mask_c, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr)
 
 
 @triton.jit
-def _cubic_axis(i, size, PAD: tl.constexpr, ALIGN: tl.constexpr, INT64: tl.constexpr):
-    """One axis of each pixel's 4 x 4 bicubic taps ([BP] each): the four taps' integer coordinates
-    (padded, clamped into the image), whether each lies inside, and the fraction ``t``."""
-    f = tl.floor(i)
-    t = i - f
-    q0, m0 = cubic_tap(f - 1.0, size, PAD, ALIGN, INT64)
-    q1, m1 = cubic_tap(f, size, PAD, ALIGN, INT64)
-    q2, m2 = cubic_tap(f + 1.0, size, PAD, ALIGN, INT64)
-    q3, m3 = cubic_tap(f + 2.0, size, PAD, ALIGN, INT64)
-    return q0, q1, q2, q3, m0, m1, m2, m3, t
-
-
-@triton.jit
-def _offsets4(q0, q1, q2, q3, s):
-    """Four taps' coordinates times the stride ``s``, as [BP, 1] blocks."""
-    return (q0 * s)[:, None], (q1 * s)[:, None], (q2 * s)[:, None], (q3 * s)[:, None]
-
-
-@triton.jit
-def _cubic_row(p, o_y, m_y, ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, mask_c):
-    """U at one row of four taps, [BP, BC] float32 each (0 outside the image). ``p``: [1, BC] pointers
-    (image n, the step's channels); ``o_y``, ``m_y``: the row's offset and mask; ``ox*``, ``mx*``: the
-    columns'."""
-    m = m_y & mask_c
-    v0 = tl.load(p + o_y + ox0, mask=m & mx0, other=0.0).to(tl.float32)
-    v1 = tl.load(p + o_y + ox1, mask=m & mx1, other=0.0).to(tl.float32)
-    v2 = tl.load(p + o_y + ox2, mask=m & mx2, other=0.0).to(tl.float32)
-    v3 = tl.load(p + o_y + ox3, mask=m & mx3, other=0.0).to(tl.float32)
-    return v0, v1, v2, v3
-
-
-@triton.jit
-def _cubic_scatter_row(p, w_y, m_y, ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, mask_c,
-                       EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``dL/dU += w_y * c_i`` at one row of four taps (``p``: [BP, BC] pointers at the row;
-    ``w_y``: dL/dV times the row's coefficient)."""
-    _scatter_add(p + ox0, w_y * cx0, m_y & mx0, mask_c, EVEN_C, BLOCK_C)
-    _scatter_add(p + ox1, w_y * cx1, m_y & mx1, mask_c, EVEN_C, BLOCK_C)
-    _scatter_add(p + ox2, w_y * cx2, m_y & mx2, mask_c, EVEN_C, BLOCK_C)
-    _scatter_add(p + ox3, w_y * cx3, m_y & mx3, mask_c, EVEN_C, BLOCK_C)
-
-
-@triton.jit
-def _pick4(r, v0, v1, v2, v3):
-    """``v_r`` for a loop index ``r`` in 0..3."""
-    return tl.where(r == 0, v0, tl.where(r == 1, v1, tl.where(r == 2, v2, v3)))
-
-
-@triton.jit
-def _cubic_fwd_row(r, v, p_x, oy0, oy1, oy2, oy3, my0, my1, my2, my3, cy0, cy1, cy2, cy3,
-                   ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, mask_c):
-    """``v`` plus row ``r`` of the taps interpolated along x, times its weight: ``c_r sum_i c_i U_ri``
-    ([BP, BC]; ``p_x``: [1, BC] pointers to the step's channels of image n). (The loop over ``r`` in
-    the kernel holds nothing but this call, so that the compile-only report, which names a SASS
-    loop by the ``for`` most of its instructions come from, names the channel loop when the
-    compiler unrolls this one.)"""
-    v0, v1, v2, v3 = _cubic_row(p_x, _pick4(r, oy0, oy1, oy2, oy3), _pick4(r, my0, my1, my2, my3),
-                                ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, mask_c)
-    return v + _pick4(r, cy0, cy1, cy2, cy3) * (cx0 * v0 + cx1 * v1 + cx2 * v2 + cx3 * v3)
-
-
-@triton.jit
-def _cubic_bwd_row(r, p_gx, p_x, go, dy0, dy1, dy2, dy3, oy0, oy1, oy2, oy3, my0, my1, my2, my3,
-                   cy0, cy1, cy2, cy3, ey0, ey1, ey2, ey3, dx0, dx1, dx2, dx3, ox0, ox1, ox2, ox3,
-                   mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, ex0, ex1, ex2, ex3, mask_c, h_x, h_y,
-                   NEED_X: tl.constexpr, NEED_G: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The backward at row ``r`` of the four rows of taps (``p_gx``, ``p_x``: [1, BC] pointers to the
-    step's channels of image n in dL/dU and U; ``*y*``: the rows' offsets, masks, weights and the
-    weights' derivatives, ``*x*``: the columns'): dL/dU += dL/dV c_r c_i (PyTorch's
-    add_value_bounded), and the row's terms of dV/di_x (``h_x += c_r sum_i c_i' U_i``) and dV/di_y
-    (``h_y += c_r' sum_i c_i U_i``)."""
-    m_y = _pick4(r, my0, my1, my2, my3)
-    c_y = _pick4(r, cy0, cy1, cy2, cy3)
+def _bwd_row(r, h_x, h_y, h_z, go, p_gc, p_x, o_c, ox, dx, mx, wx, ex, oy, dy, my, wy, ey, oz, dz, mz, wz, ez, mask_c,
+             NEED_X: tl.constexpr, NEED_G: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr,
+             NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr, FIRST: tl.constexpr):
+    """The backward at row ``r`` of the taps (``p_gc``: [1, BC] pointers to the step's channels of image
+    n in dL/dU; ``p_x``, ``o_c``: image n of U and the step's channel offsets; ``o*``: U's tap offsets,
+    ``d*``: dL/dU's (clamped) ones): dL/dU += dL/dV
+    times each tap's weight, and the row's terms of dV/di (``h_x``, ``h_y``, ``h_z``; see the module doc)."""
+    o_r, m_r, w_r, e_ry, e_rz = _row(r, oy, my, wy, ey, oz, mz, wz, ez, NT, NDIM, STATIC)
     if NEED_X:
-        _cubic_scatter_row(p_gx + _pick4(r, dy0, dy1, dy2, dy3), go * c_y, m_y, dx0, dx1, dx2, dx3,
-                           mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, mask_c, EVEN_C, BLOCK_C)
-    if NEED_G:
-        v0, v1, v2, v3 = _cubic_row(p_x, _pick4(r, oy0, oy1, oy2, oy3), m_y, ox0, ox1, ox2, ox3,
-                                    mx0, mx1, mx2, mx3, mask_c)
-        h_x += c_y * (ex0 * v0 + ex1 * v1 + ex2 * v2 + ex3 * v3)
-        h_y += _pick4(r, ey0, ey1, ey2, ey3) * (cx0 * v0 + cx1 * v1 + cx2 * v2 + cx3 * v3)
-    return h_x, h_y
-
-
-@triton.jit
-def _cubic_index_row(p_idx, p_wt, q_y, m_y, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3, c_y, cx0, cx1, cx2, cx3,
-                     none, mask_p):
-    """The deterministic backward's entries of one row of four taps: target pixel (``none`` outside the
-    image) and weight. ``q_y``: the row's ``y * W``."""
-    tl.store(p_idx + 0, tl.where(m_y & mx0, q_y + qx0, none), mask=mask_p)
-    tl.store(p_idx + 1, tl.where(m_y & mx1, q_y + qx1, none), mask=mask_p)
-    tl.store(p_idx + 2, tl.where(m_y & mx2, q_y + qx2, none), mask=mask_p)
-    tl.store(p_idx + 3, tl.where(m_y & mx3, q_y + qx3, none), mask=mask_p)
-    tl.store(p_wt + 0, c_y * cx0, mask=mask_p)
-    tl.store(p_wt + 1, c_y * cx1, mask=mask_p)
-    tl.store(p_wt + 2, c_y * cx2, mask=mask_p)
-    tl.store(p_wt + 3, c_y * cx3, mask=mask_p)
-
-
-@triton.jit
-def sample_fwd_kernel(
-    p_x,    # input U [N, C, H, W], strides s_xn, s_xc, s_xh, s_xw (any layout)
-    p_out,  # output V [N, K, C, Ho, Wo], strides s_on, s_ok, s_oc, s_oh, s_ow
-    p_prm,  # float32 [N*K, R]: the form's matrix (R = 6 affine, 9 projective, 2*D basis)
-    p_aux,  # basis: float32 B [D, Ho*Wo]; grid: grid [N, K, Ho, Wo, 2], strides s_a*
-    s_xn, s_xc, s_xh, s_xw,
-    s_on, s_ok, s_oc, s_oh, s_ow,
-    s_an, s_ak, s_ah, s_aw, s_ac,
-    C, H, W, K, Ho, Wo, D, R,
-    bsx, box, bsy, boy,  # base grid x_j = bsx * j + box, y_i = bsy * i + boy
-    FORM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr,
-    FMA: tl.constexpr,      # a correctly rounded multiply-add is available (compiled; see common.source_index)
-    INT64: tl.constexpr,    # some offset may pass 2^31: 64-bit index arithmetic
-    EVEN_C: tl.constexpr,   # C % BLOCK_C == 0: no channel mask
-    LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr,  # tile width 2**LOG2_TW; column tiles numbered to 2**LOG2_CT
-    BLOCK_P: tl.constexpr,  # pixels per program (a power of two, >= the tile width)
-    BLOCK_C: tl.constexpr,  # channels per step: 1 (planar inputs) or a 16-byte vector (channels-last)
-):
-    n, k, tile_r, tile_c, i, j, mask_p = _tile(Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P)
-    if tile_c * (1 << LOG2_TW) >= Wo:  # a column tile past the image (2**LOG2_CT rounds up)
-        return
-    P = Ho * Wo
-    nk = n * K + k
-    gx, gy, x, y, w = _form_coords(FORM, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, i, j, mask_p,
-                                   Wo, P, D, s_ah, s_aw, s_ac, bsx, box, bsy, boy)
-    if MODE == 2:  # bicubic pads each tap, not the coordinate
-        ix, _ = cubic_source(gx, W, PAD, ALIGN, FMA)
-        iy, _ = cubic_source(gy, H, PAD, ALIGN, FMA)
-    else:
-        ix, _ = source_index(gx, W, PAD, ALIGN, FMA)
-        iy, _ = source_index(gy, H, PAD, ALIGN, FMA)
-
-    p_xn = p_x + n * s_xn
-    p_on = p_out + n * s_on + k * s_ok
-    o_out = (i * s_oh + j * s_ow)[:, None]  # [BP, 1]
-    m_out = mask_p[:, None]
-    if MODE == 0:
-        x0, y0, tx, ty, sx, sy, o_nw, m_nw, m_ne, m_sw, m_se, w_nw, w_ne, w_sw, w_se = _corners(
-            ix, iy, W, H, mask_p, s_xh, s_xw, INT64)
-    elif MODE == 1:
-        xr, yr, inside = _nearest(ix, iy, W, H, INT64)
-        o_nn = (yr * s_xh + xr * s_xw)[:, None]
-        m_nn = (mask_p & inside)[:, None]
-    else:
-        # the 4 x 4 taps as [BP, 1] blocks: column offsets/masks/weights, row offsets/masks/weights
-        qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3, tx = _cubic_axis(ix, W, PAD, ALIGN, INT64)
-        qy0, qy1, qy2, qy3, my0, my1, my2, my3, ty = _cubic_axis(iy, H, PAD, ALIGN, INT64)
-        cx0, cx1, cx2, cx3 = cubic_coefficients(tx[:, None])
-        cy0, cy1, cy2, cy3 = cubic_coefficients(ty[:, None])
-        ox0, ox1, ox2, ox3 = _offsets4(qx0, qx1, qx2, qx3, s_xw)
-        oy0, oy1, oy2, oy3 = _offsets4(qy0, qy1, qy2, qy3, s_xh)
-        mx0, mx1, mx2, mx3 = mx0[:, None], mx1[:, None], mx2[:, None], mx3[:, None]
-        my0, my1 = (mask_p & my0)[:, None], (mask_p & my1)[:, None]
-        my2, my3 = (mask_p & my2)[:, None], (mask_p & my3)[:, None]
-
-    offs_c = tl.arange(0, BLOCK_C)[None, :]  # [1, BC]
-    for c0 in range(0, C, BLOCK_C):
-        if EVEN_C:
-            mask_c = offs_c < BLOCK_C  # all true, folded away
+        d_r, _, _, _, _ = _row(r, dy, my, wy, ey, dz, mz, wz, ez, NT, NDIM, STATIC)
+        if STATIC:  # the taps' weights are loop-invariant: one product each per channel
+            for b in tl.static_range(NT):
+                _scatter_add(p_gc + (d_r + dx[b]), go * (w_r * wx[b]), m_r & mx[b], mask_c, EVEN_C, BLOCK_C)
         else:
-            mask_c = (c0 + offs_c) < C
-        o_c = (c0 + offs_c) * s_xc  # [1, BC]
-        if MODE == 0:
-            v_nw, v_ne, v_sw, v_se = _load_corners(p_xn, o_nw, o_c, s_xh, s_xw, m_nw, m_ne, m_sw, m_se, mask_c)
-            v = w_nw * v_nw + w_ne * v_ne + w_sw * v_sw + w_se * v_se
-        elif MODE == 1:
-            v = tl.load(p_xn + o_nn + o_c, mask=m_nn & mask_c, other=0.0).to(tl.float32)
-        else:  # a row of taps at a time, interpolated along x, then the rows along y
-            v = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-            for r in range(0, 4):  # a loop: one row's 4 loads in flight at a time (see the module doc)
-                v = _cubic_fwd_row(r, v, p_xn + o_c, oy0, oy1, oy2, oy3, my0, my1, my2, my3, cy0, cy1, cy2, cy3,
-                                   ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3, cx0, cx1, cx2, cx3, mask_c)
-        tl.store(p_on + o_out + (c0 + offs_c) * s_oc, v.to(p_out.dtype.element_ty), mask=m_out & mask_c)
+            go_r = go * w_r
+            for b in tl.static_range(NT):
+                _scatter_add(p_gc + (d_r + dx[b]), go_r * wx[b], m_r & mx[b], mask_c, EVEN_C, BLOCK_C)
+    if NEED_G:
+        u = _tap(p_x, o_r, ox[0], m_r, mx[0], o_c, mask_c)
+        sx = wx[0] * u  # the row interpolated along x
+        sd = ex[0] * u  # and its derivative along x
+        for b in tl.static_range(1, NT):
+            u = _tap(p_x, o_r, ox[b], m_r, mx[b], o_c, mask_c)
+            sx += wx[b] * u
+            sd += ex[b] * u
+        if FIRST:  # the first of unrolled rows sets the sums (no adding to zeros: fewer instructions)
+            h_x = w_r * sd
+            h_y = e_ry * sx
+            if NDIM == 3:
+                h_z = e_rz * sx
+        else:
+            h_x += w_r * sd
+            h_y += e_ry * sx
+            if NDIM == 3:
+                h_z += e_rz * sx
+    return h_x, h_y, h_z
 
 
 @triton.jit
 def sample_bwd_kernel(
-    p_x,     # input U [N, C, H, W], strides s_x*
-    p_go,    # incoming gradient dL/dV [N, K, C, Ho, Wo], strides s_g*
-    p_gx,    # out: dL/dU [N, C, H, W], strides s_d*, zeroed, accumulated with atomics (if NEED_X): float32,
-             #      or U's own half dtype (16-byte vector atomics, channels-last only)
+    p_x,     # input U [N, C, (D,) H, W], strides s_x*
+    p_go,    # incoming gradient dL/dV [N, K, C, (Do,) Ho, Wo], strides s_g*
+    p_gx,    # out: dL/dU [N, C, (D,) H, W], strides s_d*, zeroed, accumulated with atomics (if NEED_X)
     p_prm,   # float32 [N*K, R], as in the forward
     p_aux,   # as in the forward
-    p_part,  # out: float32 [N*K, NPROG, R] dL/dM summed over each program's pixels (if NEED_PARAM)
-    p_gg,    # out: float32 [N*K, Ho*Wo, 2] dL/dg (if WRITE_GG)
-    s_xn, s_xc, s_xh, s_xw,
-    s_gn, s_gk, s_gc, s_gh, s_gw,
-    s_dn, s_dc, s_dh, s_dw,
-    s_an, s_ak, s_ah, s_aw, s_ac,
-    C, H, W, K, Ho, Wo, D, R,
+    p_part,  # out: float32 [N*K, NPROG, R] dL/dprm summed over each program's pixels (if NEED_PARAM)
+    p_gg,    # out: float32 [N*K, P, NDIM] dL/dg (if WRITE_GG)
+    s_xn, s_xc, s_xd, s_xh, s_xw,
+    s_gn, s_gk, s_gc, s_gd, s_gh, s_gw,
+    s_dn, s_dc, s_dd, s_dh, s_dw,
+    s_an, s_ak, s_ad, s_ah, s_aw, s_ac,
+    C, D, H, W, K, Do, Ho, Wo, DM, R,
     NPROG,  # programs with pixels per (n, k): the partials' row length
     NCT,    # column tiles
-    bsx, box, bsy, boy,
-    FORM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr,
-    NEED_X: tl.constexpr, NEED_G: tl.constexpr, NEED_PARAM: tl.constexpr, WRITE_GG: tl.constexpr,
+    bsx, box, bsy, boy, bsz, boz,
+    COORDS: tl.constexpr,   # the form's coordinate map
+    TERMS: tl.constexpr,    # the form's parameter-gradient terms (adds a [BP, NACC] block, or stores per tile)
+    NACC: tl.constexpr,     # the terms block's width (a power of two >= R); 0: the form stores per tile
+    NDIM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, NT: tl.constexpr,
+    FMA: tl.constexpr,
+    NEED_X: tl.constexpr,   # scatter dL/dU
+    NEED_G: tl.constexpr,   # the coordinate gradient is wanted (linear and cubic: nearest is piecewise constant)
+    NEED_PARAM: tl.constexpr, WRITE_GG: tl.constexpr,
     INT64: tl.constexpr, EVEN_C: tl.constexpr, LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    TPP: tl.constexpr,  # tiles per program (a column of TPP row tiles; 1 for the basis form): the
+    TPP: tl.constexpr,  # tiles per program (a column of TPP row tiles; 1 when the form stores per tile): the
                         # parameter gradient is reduced across the program once, not once per tile
 ):
-    # NEED_G: the coordinate gradient is wanted (bilinear and bicubic: nearest is piecewise constant)
-    tl.static_assert(TPP == 1 or FORM != 2, "the basis form reduces per tile")
-    n, k, grp, tile_c, i0, j, _ = _tile(Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P)
+    tl.static_assert(TPP == 1 or NACC > 0 or not NEED_PARAM,
+                     "a form that stores its terms per tile takes one tile per program")
+    R_OUT = Do * Ho
+    n, k, grp, tile_c, r0, j, _ = _tile(R_OUT, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P)
     if tile_c * (1 << LOG2_TW) >= Wo:
         return
     TILE_H: tl.constexpr = BLOCK_P >> LOG2_TW
-    P = Ho * Wo
+    NR: tl.constexpr = NT ** (NDIM - 1)  # rows of taps
+    P = R_OUT * Wo
     nk = n * K + k
     p_prm_nk = p_prm + nk * R
     p_aux_nk = p_aux + n * s_an + k * s_ak
@@ -376,65 +457,26 @@ def sample_bwd_kernel(
     p_gon = p_go + n * s_gn + k * s_gk
     p_part_i = p_part + (nk * NPROG + grp * NCT + tile_c) * R
     offs_c = tl.arange(0, BLOCK_C)[None, :]  # [1, BC]
-    # the parameter gradient's per-pixel terms, summed over the program's tiles (affine: 6, projective: 9)
-    a0 = tl.zeros([BLOCK_P], tl.float32)
-    a1 = tl.zeros([BLOCK_P], tl.float32)
-    a2 = tl.zeros([BLOCK_P], tl.float32)
-    a3 = tl.zeros([BLOCK_P], tl.float32)
-    a4 = tl.zeros([BLOCK_P], tl.float32)
-    a5 = tl.zeros([BLOCK_P], tl.float32)
-    a6 = tl.zeros([BLOCK_P], tl.float32)
-    a7 = tl.zeros([BLOCK_P], tl.float32)
-    a8 = tl.zeros([BLOCK_P], tl.float32)
-    n_here = tl.minimum(TPP, tl.cdiv(Ho, TILE_H) - grp * TPP)  # the last column of tiles may be short
+    if NACC > 0:  # the form's per-pixel parameter terms, summed over the program's tiles
+        acc = tl.zeros([BLOCK_P, NACC], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_P, 1], tl.float32)  # unused
+    n_here = tl.minimum(TPP, tl.cdiv(R_OUT, TILE_H) - grp * TPP)  # the last column of tiles may be short
     for t in range(0, n_here):
-        i = i0 + (grp * (TPP - 1) + t) * TILE_H  # tile row grp * TPP + t (i0 is tile row grp's)
-        mask_p = (i < Ho) & (j < Wo)
-        gx, gy, x, y, w = _form_coords(FORM, p_prm_nk, p_aux, p_aux_nk, i, j, mask_p,
-                                       Wo, P, D, s_ah, s_aw, s_ac, bsx, box, bsy, boy)
-        if MODE == 2:
-            ix, dix = cubic_source(gx, W, PAD, ALIGN, FMA)
-            iy, diy = cubic_source(gy, H, PAD, ALIGN, FMA)
-        else:
-            ix, dix = source_index(gx, W, PAD, ALIGN, FMA)
-            iy, diy = source_index(gy, H, PAD, ALIGN, FMA)
-        o_go = (i * s_gh + j * s_gw)[:, None]  # [BP, 1]
+        r = r0 + (grp * (TPP - 1) + t) * TILE_H  # tile row grp * TPP + t (r0 is tile row grp's)
+        mask_p = (r < R_OUT) & (j < Wo)
+        d, i, b, g, w = _coords(COORDS, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s_ac, r, j, mask_p, Ho, Wo, P,
+                                DM, bsx, box, bsy, boy, bsz, boz, NDIM)
+        ax, ay, az, di = _taps(g, mask_p, W, H, D, s_xw, s_xh, s_xd, s_dw, s_dh, s_dd, MODE, PAD, ALIGN, FMA, INT64,
+                               NDIM, NEED_X, True)
+        ox, dx, mx, wx, ex = ax
+        oy, dy, my, wy, ey = ay
+        oz, dz, mz, wz, ez = az
+        o_go = _offset(d, i, j, s_gd, s_gh, s_gw, NDIM)[:, None]  # [BP, 1]
         m_go = mask_p[:, None]
-        if MODE == 2:
-            qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3, tx = _cubic_axis(ix, W, PAD, ALIGN, INT64)
-            qy0, qy1, qy2, qy3, my0, my1, my2, my3, ty = _cubic_axis(iy, H, PAD, ALIGN, INT64)
-            cx0, cx1, cx2, cx3 = cubic_coefficients(tx[:, None])
-            cy0, cy1, cy2, cy3 = cubic_coefficients(ty[:, None])
-            mx0, mx1, mx2, mx3 = mx0[:, None], mx1[:, None], mx2[:, None], mx3[:, None]
-            my0, my1 = (mask_p & my0)[:, None], (mask_p & my1)[:, None]
-            my2, my3 = (mask_p & my2)[:, None], (mask_p & my3)[:, None]
-            # the scatter's targets (the gradient's strides; unused without NEED_X), the taps to read (U's
-            # strides) and the weights' derivatives (unused without NEED_G)
-            dx0, dx1, dx2, dx3 = _offsets4(qx0, qx1, qx2, qx3, s_dw)
-            dy0, dy1, dy2, dy3 = _offsets4(qy0, qy1, qy2, qy3, s_dh)
-            ox0, ox1, ox2, ox3 = _offsets4(qx0, qx1, qx2, qx3, s_xw)
-            oy0, oy1, oy2, oy3 = _offsets4(qy0, qy1, qy2, qy3, s_xh)
-            ex0, ex1, ex2, ex3 = cubic_coefficients_grad(tx[:, None])
-            ey0, ey1, ey2, ey3 = cubic_coefficients_grad(ty[:, None])
-        elif MODE == 0:
-            x0, y0, tx, ty, sx, sy, o_nw, m_nw, m_ne, m_sw, m_se, w_nw, w_ne, w_sw, w_se = _corners(
-                ix, iy, W, H, mask_p, s_xh, s_xw, INT64)
-            # the scatter's targets, clamped into the image (see _scatter_add)
-            cx0 = tl.minimum(tl.maximum(x0, 0), W - 1)
-            cx1 = tl.minimum(tl.maximum(x0 + 1, 0), W - 1)
-            cy0 = tl.minimum(tl.maximum(y0, 0), H - 1) * s_dh
-            cy1 = tl.minimum(tl.maximum(y0 + 1, 0), H - 1) * s_dh
-            d_nw = (cy0 + cx0 * s_dw)[:, None]
-            d_ne = (cy0 + cx1 * s_dw)[:, None]
-            d_sw = (cy1 + cx0 * s_dw)[:, None]
-            d_se = (cy1 + cx1 * s_dw)[:, None]
-        else:
-            xr, yr, inside = _nearest(ix, iy, W, H, INT64)
-            m_nn = (mask_p & inside)[:, None]
-            d_nn = (tl.minimum(tl.maximum(yr, 0), H - 1) * s_dh
-                    + tl.minimum(tl.maximum(xr, 0), W - 1) * s_dw)[:, None]
         g_ix = tl.zeros([BLOCK_P], tl.float32)  # sum_c dL/dV * dV/di_x
         g_iy = tl.zeros([BLOCK_P], tl.float32)
+        g_iz = tl.zeros([BLOCK_P], tl.float32)
         if NEED_X or NEED_G:  # nearest sampling with only parameter gradients reads no channel
             for c0 in range(0, C, BLOCK_C):
                 if EVEN_C:
@@ -442,132 +484,111 @@ def sample_bwd_kernel(
                 else:
                     mask_c = (c0 + offs_c) < C
                 go = tl.load(p_gon + o_go + (c0 + offs_c) * s_gc, mask=m_go & mask_c, other=0.0).to(tl.float32)
-                if NEED_X:
-                    p_gxc = p_gxn + (c0 + offs_c) * s_dc  # [1, BC]
-                    if MODE == 0:
-                        _scatter_add(p_gxc + d_nw, go * w_nw, m_nw, mask_c, EVEN_C, BLOCK_C)
-                        _scatter_add(p_gxc + d_ne, go * w_ne, m_ne, mask_c, EVEN_C, BLOCK_C)
-                        _scatter_add(p_gxc + d_sw, go * w_sw, m_sw, mask_c, EVEN_C, BLOCK_C)
-                        _scatter_add(p_gxc + d_se, go * w_se, m_se, mask_c, EVEN_C, BLOCK_C)
-                    elif MODE == 1:
-                        _scatter_add(p_gxc + d_nn, go, m_nn, mask_c, EVEN_C, BLOCK_C)
-                if MODE == 2:
-                    # row by row (each row's scatter, then its loads: 4 taps' values live at a time)
-                    p_gxc = p_gxn + (c0 + offs_c) * s_dc  # [1, BC] (a stand-in when NEED_X is off)
-                    p_c = p_xn + (c0 + offs_c) * s_xc
-                    h_x = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-                    h_y = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-                    for r in range(0, 4):  # a loop: one row's taps at a time (see the module doc)
-                        h_x, h_y = _cubic_bwd_row(r, p_gxc, p_c, go, dy0, dy1, dy2, dy3, oy0, oy1, oy2, oy3,
-                                                  my0, my1, my2, my3, cy0, cy1, cy2, cy3, ey0, ey1, ey2, ey3,
-                                                  dx0, dx1, dx2, dx3, ox0, ox1, ox2, ox3, mx0, mx1, mx2, mx3,
-                                                  cx0, cx1, cx2, cx3, ex0, ex1, ex2, ex3, mask_c, h_x, h_y,
-                                                  NEED_X, NEED_G, EVEN_C, BLOCK_C)
-                    if NEED_G:
-                        g_ix += tl.sum(go * h_x, axis=1)
-                        g_iy += tl.sum(go * h_y, axis=1)
-                elif NEED_G:
-                    v_nw, v_ne, v_sw, v_se = _load_corners(p_xn, o_nw, (c0 + offs_c) * s_xc, s_xh, s_xw,
-                                                           m_nw, m_ne, m_sw, m_se, mask_c)
-                    g_ix += tl.sum(go * (sy[:, None] * (v_ne - v_nw) + ty[:, None] * (v_se - v_sw)), axis=1)
-                    g_iy += tl.sum(go * (sx[:, None] * (v_sw - v_nw) + tx[:, None] * (v_se - v_ne)), axis=1)
-
-        gg_x = tl.where(mask_p, g_ix * dix, 0.0)  # dL/dg_x [BP]
-        gg_y = tl.where(mask_p, g_iy * diy, 0.0)
+                p_gc = p_gxn + (c0 + offs_c) * s_dc  # [1, BC] (a stand-in when NEED_X is off)
+                o_c = (c0 + offs_c) * s_xc
+                h_x = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+                h_y = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+                h_z = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+                if MODE == MODE_CUBIC:
+                    for rr in range(0, NT ** (NDIM - 1)):  # a loop: one row's taps at a time (see the module doc)
+                        h_x, h_y, h_z = _bwd_row(rr, h_x, h_y, h_z, go, p_gc, p_xn, o_c, ox, dx, mx, wx, ex, oy, dy,
+                                                 my, wy, ey, oz, dz, mz, wz, ez, mask_c, NEED_X, NEED_G, EVEN_C,
+                                                 BLOCK_C, NT, NDIM, False, False)
+                else:
+                    for rr in tl.static_range(NR):
+                        h_x, h_y, h_z = _bwd_row(rr, h_x, h_y, h_z, go, p_gc, p_xn, o_c, ox, dx, mx, wx, ex, oy, dy,
+                                                 my, wy, ey, oz, dz, mz, wz, ez, mask_c, NEED_X, NEED_G, EVEN_C,
+                                                 BLOCK_C, NT, NDIM, True, rr == 0)
+                if NEED_G:
+                    g_ix += tl.sum(go * h_x, axis=1)
+                    g_iy += tl.sum(go * h_y, axis=1)
+                    if NDIM == 3:
+                        g_iz += tl.sum(go * h_z, axis=1)
+        gg = (tl.where(mask_p, g_ix * di[0], 0.0), tl.where(mask_p, g_iy * di[1], 0.0),
+              tl.where(mask_p, g_iz * di[2], 0.0))  # dL/dg [BP] per axis
         if WRITE_GG:
-            o_p = (nk * P + i * Wo + j) * 2
-            tl.store(p_gg + o_p, gg_x, mask=mask_p)
-            tl.store(p_gg + o_p + 1, gg_y, mask=mask_p)
+            o_p = (nk * P + r * Wo + j) * NDIM
+            tl.store(p_gg + o_p, gg[0], mask=mask_p)
+            tl.store(p_gg + o_p + 1, gg[1], mask=mask_p)
+            if NDIM == 3:
+                tl.store(p_gg + o_p + 2, gg[2], mask=mask_p)
         if NEED_PARAM:
-            if FORM == 0:
-                a0, a1, a2, a3, a4, a5 = affine_param_terms(a0, a1, a2, a3, a4, a5, x, y, gg_x, gg_y)
-            elif FORM == 1:
-                a0, a1, a2, a3, a4, a5, a6, a7, a8 = projective_param_terms(
-                    a0, a1, a2, a3, a4, a5, a6, a7, a8, x, y, gx, gy, w, gg_x, gg_y, mask_p)
-            elif FORM == 2:
-                basis_param_grad(p_part_i, p_aux, i * Wo + j, mask_p, D, P, gg_x, gg_y)
+            acc = TERMS(acc, p_part_i, p_aux, r * Wo + j, mask_p, P, DM, b, g, w, gg, NDIM)
     if NEED_PARAM:
-        if FORM == 0:
-            store_sums(p_part_i, a0, a1, a2, a3, a4, a5)
-        elif FORM == 1:
-            store_sums(p_part_i, a0, a1, a2, a3, a4, a5)
-            store_sums(p_part_i + 6, a6, a7, a8, a8, a8, a8, N_SUMS=3)
+        if NACC > 0:
+            cols = tl.arange(0, NACC)
+            tl.store(p_part_i + cols, tl.sum(acc, axis=0), mask=cols < R)
+
+
+# --------------------------------------------------------------------------------------------------
+# Deterministic input gradient: list the contributions, then gather them in a fixed order
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _index_row(r, p_idx, p_wt, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none, mask_p,
+               NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr):
+    """Row ``r``'s entries: each tap's target input pixel (``none`` outside the image) and weight;
+    ``q*``: flat offsets of each axis' taps (x: 1, y: W, z: H*W), [BP] each."""
+    q_r, m_r, w_r, _, _ = _row(r, qy, my, wy, ey, qz, mz, wz, ez, NT, NDIM, STATIC)
+    for b in tl.static_range(NT):
+        tl.store(p_idx + (r * NT + b), tl.where(m_r & mx[b], q_r + qx[b], none), mask=mask_p)
+        tl.store(p_wt + (r * NT + b), w_r * wx[b], mask=mask_p)
 
 
 @triton.jit
-def corner_index_kernel(
-    p_idx,  # out: int32 or int64 [N, K*Ho*Wo*NCORNER] target input pixel (y * W + x), H*W where none
-    p_wt,   # out: float32 [N, K*Ho*Wo*NCORNER] weight of that contribution
-    p_goff, # out: int32 or int64 [N, K*Ho*Wo] offset of the pixel's dL/dV within image n (channel 0)
+def tap_index_kernel(
+    p_idx,  # out: int32 or int64 [N, K*P*NTAPS] target input pixel (flat, row-major), D*H*W where none
+    p_wt,   # out: float32 [N, K*P*NTAPS] weight of that contribution
+    p_goff, # out: int32 or int64 [N, K*P] offset of the pixel's dL/dV within image n (channel 0)
     p_prm, p_aux,
-    s_gk, s_gh, s_gw,  # strides of dL/dV [N, K, C, Ho, Wo] (k, row, column)
-    s_an, s_ak, s_ah, s_aw, s_ac,
-    H, W, K, Ho, Wo, D, R,
-    bsx, box, bsy, boy,
-    FORM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, FMA: tl.constexpr,
-    INT64: tl.constexpr,
-    LOG2_NC: tl.constexpr,  # log2 of the contributions per pixel: 2 (bilinear), 0 (nearest), 4 (bicubic)
+    s_gk, s_gd, s_gh, s_gw,  # strides of dL/dV [N, K, C, (Do,) Ho, Wo] (k, depth, row, column)
+    s_an, s_ak, s_ad, s_ah, s_aw, s_ac,
+    D, H, W, K, Do, Ho, Wo, DM, R,
+    bsx, box, bsy, boy, bsz, boz,
+    COORDS: tl.constexpr, NDIM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr,
+    NT: tl.constexpr, FMA: tl.constexpr, INT64: tl.constexpr,
+    LOG2_NC: tl.constexpr,  # log2 of the taps per pixel (NT ** NDIM)
     LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    n, k, tile_r, tile_c, i, j, mask_p = _tile(Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P)
+    n, k, tile_r, tile_c, r, j, mask_p = _tile(Do * Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P)
     if tile_c * (1 << LOG2_TW) >= Wo:
         return
-    P = Ho * Wo
+    P = Do * Ho * Wo
     nk = n * K + k
-    gx, gy, x, y, w = _form_coords(FORM, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, i, j, mask_p,
-                                   Wo, P, D, s_ah, s_aw, s_ac, bsx, box, bsy, boy)
-    if MODE == 2:
-        ix, _ = cubic_source(gx, W, PAD, ALIGN, FMA)
-        iy, _ = cubic_source(gy, H, PAD, ALIGN, FMA)
+    d, i, b, g, w = _coords(COORDS, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, s_ad, s_ah, s_aw, s_ac,
+                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, NDIM)
+    HW = H * W
+    ax, ay, az, _ = _taps(g, mask_p, W, H, D, 1, W, HW, 1, W, HW, MODE, PAD, ALIGN, FMA, INT64, NDIM, False, False)
+    qx, _, mx, wx, _ = ax
+    qy, _, my, wy, ey = ay
+    qz, _, mz, wz, ez = az
+    none = D * HW
+    o_pix = nk * P + r * Wo + j  # [BP] this pixel's entry in p_goff
+    o_e = o_pix << LOG2_NC  # entry of tap 0
+    tl.store(p_goff + o_pix, k * s_gk + _offset(d, i, j, s_gd, s_gh, s_gw, NDIM), mask=mask_p)
+    NR: tl.constexpr = NT ** (NDIM - 1)
+    if MODE == MODE_CUBIC:
+        for rr in range(0, NT ** (NDIM - 1)):
+            _index_row(rr, p_idx + o_e, p_wt + o_e, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none, mask_p,
+                       NT, NDIM, False)
     else:
-        ix, _ = source_index(gx, W, PAD, ALIGN, FMA)
-        iy, _ = source_index(gy, H, PAD, ALIGN, FMA)
-    none = H * W
-    o_pix = n * K * P + k * P + i * Wo + j  # [BP] this pixel's entry in p_goff
-    o_e = o_pix << LOG2_NC  # entry of corner 0
-    tl.store(p_goff + o_pix, k * s_gk + i * s_gh + j * s_gw, mask=mask_p)
-    if MODE == 0:
-        x0, y0, tx, ty, sx, sy, in_x0, in_x1, in_y0, in_y1 = bilinear_corners(ix, iy, W, H, INT64)
-        q = y0 * W + x0
-        tl.store(p_idx + o_e, tl.where(in_y0 & in_x0, q, none), mask=mask_p)
-        tl.store(p_idx + o_e + 1, tl.where(in_y0 & in_x1, q + 1, none), mask=mask_p)
-        tl.store(p_idx + o_e + 2, tl.where(in_y1 & in_x0, q + W, none), mask=mask_p)
-        tl.store(p_idx + o_e + 3, tl.where(in_y1 & in_x1, q + W + 1, none), mask=mask_p)
-        tl.store(p_wt + o_e, sx * sy, mask=mask_p)
-        tl.store(p_wt + o_e + 1, tx * sy, mask=mask_p)
-        tl.store(p_wt + o_e + 2, sx * ty, mask=mask_p)
-        tl.store(p_wt + o_e + 3, tx * ty, mask=mask_p)
-    elif MODE == 1:
-        xr, yr, inside = _nearest(ix, iy, W, H, INT64)
-        tl.store(p_idx + o_e, tl.where(inside, yr * W + xr, none), mask=mask_p)
-        tl.store(p_wt + o_e, tl.full([BLOCK_P], 1.0, tl.float32), mask=mask_p)
-    else:  # 16 taps, entry 4 * row + column; border and reflection may send several to one pixel
-        qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3, tx = _cubic_axis(ix, W, PAD, ALIGN, INT64)
-        qy0, qy1, qy2, qy3, my0, my1, my2, my3, ty = _cubic_axis(iy, H, PAD, ALIGN, INT64)
-        cx0, cx1, cx2, cx3 = cubic_coefficients(tx)
-        cy0, cy1, cy2, cy3 = cubic_coefficients(ty)
-        _cubic_index_row(p_idx + o_e, p_wt + o_e, qy0 * W, my0, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3,
-                         cy0, cx0, cx1, cx2, cx3, none, mask_p)
-        _cubic_index_row(p_idx + o_e + 4, p_wt + o_e + 4, qy1 * W, my1, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3,
-                         cy1, cx0, cx1, cx2, cx3, none, mask_p)
-        _cubic_index_row(p_idx + o_e + 8, p_wt + o_e + 8, qy2 * W, my2, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3,
-                         cy2, cx0, cx1, cx2, cx3, none, mask_p)
-        _cubic_index_row(p_idx + o_e + 12, p_wt + o_e + 12, qy3 * W, my3, qx0, qx1, qx2, qx3, mx0, mx1, mx2, mx3,
-                         cy3, cx0, cx1, cx2, cx3, none, mask_p)
+        for rr in tl.static_range(NR):
+            _index_row(rr, p_idx + o_e, p_wt + o_e, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none, mask_p,
+                       NT, NDIM, True)
 
 
 @triton.jit
 def gather_grad_input_kernel(
-    p_gx,    # out: dL/dU [N, C, H, W] in U's dtype, strides s_d*
-    p_go,    # dL/dV [N, K, C, Ho, Wo], strides s_gn, s_gc (the rest is in p_goff)
-    p_perm,  # int64 [N, E]: entries in order of target pixel (stable sort of corner_index_kernel's idx)
+    p_gx,    # out: dL/dU [N, C, (D,) H, W] in U's dtype, strides s_d*
+    p_go,    # dL/dV [N, K, C, ...], strides s_gn, s_gc (the rest is in p_goff)
+    p_perm,  # int64 [N, E]: entries in order of target pixel (stable sort of tap_index_kernel's idx)
     p_wt,    # float32 [N, E]: weights, indexed by entry
     p_goff,  # int32/int64 [N, E >> LOG2_NC]: dL/dV offset of each entry's output pixel within its image
-    p_seg,   # int32/int64 [N, H*W + 1]: first sorted position of each target pixel
-    s_dn, s_dc, s_dh, s_dw,
+    p_seg,   # int32/int64 [N, D*H*W + 1]: first sorted position of each target pixel
+    s_dn, s_dc, s_dd, s_dh, s_dw,
     s_gn, s_gc,
-    C, H, W, E,
-    INT64: tl.constexpr, EVEN_C: tl.constexpr, LOG2_NC: tl.constexpr,
+    C, D, H, W, E,
+    NDIM: tl.constexpr, INT64: tl.constexpr, EVEN_C: tl.constexpr, LOG2_NC: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # input pixels per program
     BLOCK_C: tl.constexpr,  # channels per program (grid axis 1 walks the channel blocks)
 ):
@@ -584,16 +605,17 @@ def gather_grad_input_kernel(
         cb = cb.to(tl.int64)
         n = n.to(tl.int64)
     HW = H * W
+    DHW = D * HW
     # Per-pixel values stay [BQ, 1]: Triton 3.6 miscompiles a loop-varying 1-D mask that is also
     # expanded to 2-D inside the loop ("mask type matches ptr type").
     offs_q = blk * BLOCK_Q + tl.arange(0, BLOCK_Q)[:, None]  # input pixels [BQ, 1]
-    mask_q = offs_q < HW
+    mask_q = offs_q < DHW
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)[None, :]  # [1, BC]
     if EVEN_C:
         mask_c = offs_c >= 0
     else:
         mask_c = offs_c < C
-    p_seg_n = p_seg + n * (HW + 1)
+    p_seg_n = p_seg + n * (DHW + 1)
     start = tl.load(p_seg_n + offs_q, mask=mask_q, other=0)
     end = tl.load(p_seg_n + offs_q + 1, mask=mask_q, other=0)
     if not INT64:
@@ -615,5 +637,12 @@ def gather_grad_input_kernel(
         o_g = tl.load(p_goff_n + (e >> LOG2_NC), mask=live, other=0)
         go = tl.load(p_gon + o_g, mask=live & mask_c, other=0.0).to(tl.float32)
         acc += wt * go
-    o_d = n * s_dn + (offs_q // W) * s_dh + (offs_q % W) * s_dw  # [BQ, 1], once per program
+    if NDIM == 3:
+        zq = offs_q // HW
+        rem = offs_q - zq * HW
+    else:
+        zq = offs_q
+        rem = offs_q
+    yq = rem // W
+    o_d = n * s_dn + _offset(zq, yq, rem - yq * W, s_dd, s_dh, s_dw, NDIM)  # [BQ, 1], once per program
     tl.store(p_gx + o_d + offs_c * s_dc, acc.to(p_gx.dtype.element_ty), mask=mask_q & mask_c)

@@ -107,7 +107,7 @@ def test_compile_only_run_of_the_bicubic_kernels(tmp_path, capsys):
         (c, "bicubic", m) for c in ("tiny-cl-bicubic", "tiny-bicubic") for m in ("fwd", "bwd", "bwd-det")}
     assert not [r for r in rows if "error" in r]
     launches = [x for r in rows for x in r["launches"] if x["kind"] == "triton"]
-    assert {x["kernel"] for x in launches} == {"sample_fwd_kernel", "sample_bwd_kernel", "corner_index_kernel",
+    assert {x["kernel"] for x in launches} == {"sample_fwd_kernel", "sample_bwd_kernel", "tap_index_kernel",
                                                "gather_grad_input_kernel"}
     for x in launches:
         assert x["variant"].get("MODE", 2) == 2 and x["variant"].get("LOG2_NC", 4) == 4

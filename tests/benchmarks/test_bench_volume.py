@@ -157,9 +157,9 @@ def test_static_jobs_of_a_volume():
 
 def test_static_hints_answer_for_the_volume_kernels():
     args = {"LOG2_TW": 3, "LOG2_CT": 1, "Wo": 12, "Do": 4, "Ho": 5, "BLOCK_P": 64}
-    assert launch.static_hints("sample3d_fwd_kernel", args, [6, 2, 3]) == {"programs_with_work": 3 * 2 * 2 * 3}
-    assert launch.static_hints("sample3d_bwd_kernel", args, [2, 1, 1])["trips"] == {"0, n_here": 3}  # 20 rows / 8
-    assert launch.static_hints("gather_grad_input3d_kernel", {"E": 100, "D": 2, "H": 3, "W": 4}, [1, 1, 1]) == {
+    assert launch.static_hints("sample_fwd_kernel", args, [6, 2, 3]) == {"programs_with_work": 3 * 2 * 2 * 3}
+    assert launch.static_hints("sample_bwd_kernel", args, [2, 1, 1])["trips"] == {"0, n_here": 3}  # 20 rows / 8
+    assert launch.static_hints("gather_grad_input_kernel", {"E": 100, "D": 2, "H": 3, "W": 4}, [1, 1, 1]) == {
         "trips": {"0, n_max": 5}}
     assert launch.static_hints("no_such_kernel", {}, [1, 1, 1]) == {}
 
@@ -181,16 +181,16 @@ def test_compile_only_run_of_a_volume(tmp_path, capsys):
     fwd = next(r for r in rows if (r["form"], r["mode"]) == ("affine3d", "fwd"))
     assert (fwd["D"], fwd["Do"]) == (5, 4) and fwd["n_launches"] == 1
     (k,) = fwd["launches"]
-    assert k["kernel"] == "sample3d_fwd_kernel" and k["registers"] > 0 and 0 < k["occupancy"] <= 1
+    assert k["kernel"] == "sample_fwd_kernel" and k["registers"] > 0 and 0 < k["occupancy"] <= 1
     assert k["stack_bytes"] == 0 and k["local_instructions"] == 0  # no spills
     assert [(lp["source"].split(":")[0], lp["source"].split(" ", 1)[1], lp["trips"]) for lp in k["loops"]] == [
-        ("volume.py", "range(0, C, BLOCK_C)", 3)]  # the channel loop, found and counted
-    assert 0 < k["programs_with_work"] <= k["programs"]  # the hints of launch_volume.static_hints3d
+        ("sampler.py", "range(0, C, BLOCK_C)", 3)]  # the channel loop, found and counted
+    assert 0 < k["programs_with_work"] <= k["programs"]  # the hints of launch.static_hints
     bwd = next(r for r in rows if (r["form"], r["mode"]) == ("affine3d", "bwd"))
     (b,) = [x for x in bwd["launches"] if x["kind"] == "triton"]
-    assert b["kernel"] == "sample3d_bwd_kernel" and b["mix"]["fences"] == 0
+    assert b["kernel"] == "sample_bwd_kernel" and b["mix"]["fences"] == 0
     assert set(b["mix"]["atomics"]) == {"REDG.ADD.F32"}  # relaxed, float32 buffer
-    assert all(lp["source"].startswith("volume.py:") for lp in b["loops"])
+    assert all(lp["source"].startswith("sampler.py:") for lp in b["loops"])
     assert fwd["issue_us"] > 0 and fwd["floor_us"] > 0
 
 

@@ -124,7 +124,7 @@ def test_compile_only_run(tmp_path, capsys):
         (c, f, m) for c in ("tiny-cl", "tiny") for f in ("affine", "grid") for m in ("fwd", "bwd", "fwd+bwd", "bwd-det")}
     assert not [r for r in rows if "error" in r]
     kernels = {x["kernel"] for r in rows for x in r["launches"] if x["kind"] == "triton"}
-    assert kernels == {"sample_fwd_kernel", "sample_bwd_kernel", "corner_index_kernel", "gather_grad_input_kernel"}
+    assert kernels == {"sample_fwd_kernel", "sample_bwd_kernel", "tap_index_kernel", "gather_grad_input_kernel"}
     for r in rows:
         for x in r["launches"]:
             if x["kind"] != "triton":

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import stn_triton as st
 from stn_triton import ops, reference
 from stn_triton.kernels import launch
-from _cases import DTYPES, FORMS, LAYOUTS, PADDINGS, assert_close, make_params, oracle, run
-from test_sampling import check_case
+from _cases import (DTYPES, FORMS, LAYOUTS, PADDINGS, assert_close, check_case, make_params, nonfinite_params, oracle,
+                    run)
 
 ALIGN = (False, True)
 MATRIX = list(itertools.product(FORMS, PADDINGS, ALIGN))
@@ -114,30 +114,13 @@ def test_far_outside(request, device, form, padding_mode):
 
 # --- non-finite and huge coordinates ----------------------------------------------------------------
 
-def _nonfinite_params(form, device):
-    gen = torch.Generator().manual_seed(7)
-    params = make_params(form, 2, 3, (5, 6), False, torch.float32, device, gen)
-    p0 = params[0].clone()
-    if form == "grid":
-        p0[0, 0, 1, 2, 0] = float("nan")
-        p0[0, 1, 2, :, 1] = float("inf")
-        p0[1, 0, :, 3, 0] = -float("inf")
-        p0[1, 2, 4, 5, :] = float("nan")
-        p0[1, 1, 0, :, 0] = 3e38
-    else:
-        p0[0, 0, 0, 0] = float("nan")
-        p0[0, 1, 1, 2] = float("inf")
-        p0[1, 0, 0, 1] = -float("inf")
-    return (p0, *params[1:])
-
-
 @pytest.mark.parametrize("padding_mode", PADDINGS)
 @pytest.mark.parametrize("form", FORMS)
 def test_nonfinite_parameters(device, form, padding_mode):
     """NaN/inf coordinates never read or write out of bounds; kernels and reference agree on the
     documented rule (stn_triton.reference), forward and gradients, and everything is finite."""
     x = torch.randn(2, 2, 7, 8, device=device, requires_grad=True)
-    params = [p.requires_grad_() for p in _nonfinite_params(form, device)]
+    params = [p.requires_grad_() for p in nonfinite_params(form, device, huge=True)]
     for ac in [ALIGN[(FORMS.index(form) + PADDINGS.index(padding_mode)) % 2]]:  # both over the cases
         opts = dict(mode="bicubic", padding_mode=padding_mode, align_corners=ac)
         out = run(form, x, params, (5, 6), **opts)
@@ -312,7 +295,7 @@ def test_half_accumulation_counts_16_contributions(monkeypatch):
     def choose(size, K=1, mode="bicubic"):
         x = torch.empty(2, 256, 56, 56, dtype=torch.bfloat16, device="meta").contiguous(
             memory_format=torch.channels_last)
-        return launch.half_accumulation(x, K, *size, mode, launch.plan(x, *size))
+        return launch.half_accumulation(x, K, size, mode, launch.plan(x, *size))
 
     assert choose((56, 56))  # 16 contributions per input pixel: still in bf16
     assert not choose((56, 56), K=2)  # 32: a float32 buffer

@@ -17,10 +17,8 @@ import torch.nn.functional as F
 
 import stn_triton as st
 from stn_triton.kernels import launch
-from _cases import FORMS, make_params, run
+from _cases import FORMS, MODES, PADDINGS, make_params, run
 
-MODES = ("bilinear", "nearest")
-PADDINGS = ("zeros", "border", "reflection")
 ALIGN = (False, True)
 
 

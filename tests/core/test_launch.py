@@ -7,8 +7,7 @@ import torch
 
 import stn_triton as st
 from stn_triton.kernels import launch
-from _cases import FORMS, MODES, make_input, oracle
-from test_sampling import check_case
+from _cases import FORMS, FORMS3, MODES, check_case, make_input, ndim, oracle
 
 
 @pytest.fixture
@@ -21,13 +20,17 @@ def many_tiles_per_program(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("form", ["affine", "projective", "grid"])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_several_tiles_per_program(request, device, many_tiles_per_program, form, mode, layout):
-    """37 rows of 8-row tiles: columns of 4 tiles, the last one short; parameter sums over all of them."""
-    check_case(request, device, form, mode, "zeros", False, torch.float32, layout, shape=(2, 3, 20, 33), K=2,
-               size=(37, 13))
+# (form, mode, layout, input shape, K, output size): several row tiles of 8 rows per backward program,
+# the last column short, in 2-D (37 rows) and 3-D (Do * Ho = 90 rows of 5 voxels: 12 row tiles)
+TILES = [(form, mode, layout, (2, 3, 20, 33), 2, (37, 13))
+         for layout in ("contiguous", "channels_last") for form in ("affine", "projective", "grid") for mode in MODES]
+TILES += [(form, "bilinear", "contiguous", (1, 2, 4, 5, 6), 2, (9, 10, 5)) for form in ("affine3d", "grid3d")]
+
+
+@pytest.mark.parametrize("form,mode,layout,shape,K,size", TILES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in TILES])
+def test_several_tiles_per_program(request, device, many_tiles_per_program, form, mode, layout, shape, K, size):
+    """Columns of 4 tiles, the last one short; parameter sums over all of them."""
+    check_case(request, device, form, mode, "zeros", False, torch.float32, layout, shape=shape, K=K, size=size)
     assert max(many_tiles_per_program) == launch.TPP_MAX
 
 
@@ -41,12 +44,23 @@ def test_tiles_per_program_choice():
     assert launch.tiles_per_program("affine", p, 3, 1, 1) == 1  # too few programs to group
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("form", FORMS)
-def test_int64_indexing(request, device, monkeypatch, form, mode):
-    """The 64-bit index path (taken past 2^31 elements) computes the same, forward and backward."""
+# (form, mode, deterministic, layout, input shape, output size; None: check_case's default)
+INT64 = [(form, mode, False, "strided", None, None) for form in FORMS for mode in MODES]
+INT64 += [(form, mode, det, "strided" if det else "channels_last_3d", (2, 2, 3, 4, 5), (3, 3, 4))
+          for form in FORMS3 for mode in MODES for det in (False, True)]
+
+
+@pytest.mark.parametrize("form,mode,deterministic_mode,layout,shape,size", INT64,
+                         ids=[f"{c[0]}-{c[1]}-{'deterministic' if c[2] else 'atomic'}" for c in INT64])
+def test_int64_indexing(request, device, monkeypatch, form, mode, deterministic_mode, layout, shape, size):
+    """The 64-bit index path (taken past 2^31 elements), forced on small tensors: the same results,
+    forward and backward."""
     monkeypatch.setattr(launch, "FORCE_INT64", True)
-    check_case(request, device, form, mode, "border", True, torch.float32, "strided")
+    torch.use_deterministic_algorithms(deterministic_mode)
+    try:
+        check_case(request, device, form, mode, "border", True, torch.float32, layout, shape=shape, size=size)
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -59,15 +73,20 @@ def test_int64_deterministic(request, device, monkeypatch, mode):
         torch.use_deterministic_algorithms(False)
 
 
+# per dimension: (input shape, K, output size): slices of 2 of 5 images, of 2 of 3 volumes
+BATCH_SPLIT = {2: ((5, 2, 6, 7), 2, (4, 5)), 3: ((3, 2, 3, 4, 5), 1, (2, 3, 4))}
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", FORMS + FORMS3)
 def test_batch_split_for_grid_limit(request, device, monkeypatch, form, deterministic):
-    """A batch past the grid's third dimension is launched in slices (here slices of 2 of 5 images)."""
+    """A batch past the grid's third dimension is launched in slices."""
+    shape, K, size = BATCH_SPLIT[ndim(form)]
     monkeypatch.setattr(launch, "MAX_GRID_YZ", 2)
     torch.use_deterministic_algorithms(deterministic)
     try:
         check_case(request, device, form, "bilinear", "reflection", False, torch.float32, "contiguous",
-                   shape=(5, 2, 6, 7), K=2, size=(4, 5))
+                   shape=shape, K=K, size=size)
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -108,7 +127,7 @@ def test_half_accumulation_choice(monkeypatch):
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         p = launch.plan(x, *size)
-        return launch.half_accumulation(x, K, *size, mode, p)
+        return launch.half_accumulation(x, K, size, mode, p)
 
     assert choose(torch.bfloat16, 256, (56, 56))  # 4 contributions per input pixel
     assert choose(torch.bfloat16, 16, (28, 28), K=4)  # down-sampling, 4 transforms
@@ -182,13 +201,24 @@ def test_autotune_only_on_compiled_cuda(monkeypatch):
     assert launch._autotune_enabled(torch.device("cuda"))
 
 
-def test_static_hints():
-    args = {"Wo": 224, "Ho": 224, "LOG2_TW": 5, "LOG2_CT": 3, "BLOCK_P": 256}
-    assert launch.static_hints("sample_fwd_kernel", args, [28 << 3, 4, 64]) == {"programs_with_work": 28 * 7 * 256}
-    bwd = launch.static_hints("sample_bwd_kernel", args, [7 << 3, 4, 64])
-    assert bwd["programs_with_work"] == 7 * 7 * 256 and bwd["trips"]["0, n_here"] == 4
-    gather = launch.static_hints("gather_grad_input_kernel", {"E": 1000, "H": 10, "W": 10}, [1, 1, 1])
+# (kernel arguments, forward grid, backward grid, gather arguments, expected programs forward, backward)
+HINTS = {
+    "2d": ({"Wo": 224, "Ho": 224, "LOG2_TW": 5, "LOG2_CT": 3, "BLOCK_P": 256}, [28 << 3, 4, 64], [7 << 3, 4, 64],
+           {"E": 1000, "H": 10, "W": 10}, 28 * 7 * 256, 7 * 7 * 256),
+    "3d": ({"Wo": 64, "Do": 32, "Ho": 64, "LOG2_TW": 5, "LOG2_CT": 1, "BLOCK_P": 256}, [256 << 1, 2, 4],
+           [64 << 1, 2, 4], {"E": 1000, "D": 2, "H": 5, "W": 10}, 256 * 2 * 2 * 4, 64 * 2 * 2 * 4),
+}
+
+
+@pytest.mark.parametrize("case", HINTS)
+def test_static_hints(case):
+    args, fwd_grid, bwd_grid, gather_args, fwd_programs, bwd_programs = HINTS[case]
+    assert launch.static_hints("sample_fwd_kernel", args, fwd_grid) == {"programs_with_work": fwd_programs}
+    bwd = launch.static_hints("sample_bwd_kernel", args, bwd_grid)
+    assert bwd["programs_with_work"] == bwd_programs and bwd["trips"]["0, n_here"] == 4
+    gather = launch.static_hints("gather_grad_input_kernel", gather_args, [1, 1, 1])
     assert gather["trips"]["0, n_max"] == 10
+    assert launch.static_hints("no_such_kernel", args, [1, 1, 1]) == {}
 
 
 def test_int64_decision():

@@ -1,48 +1,13 @@
 """Every form x mode x padding x align_corners x dtype x layout against the float64 reference,
-forward and every gradient."""
-
-import zlib
+forward and every gradient; zoom-in, down-sampling, far-outside coordinates and K parallel
+transforms in every form of both dimensions (the 3-D matrix: test_volume.py)."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import stn_triton as st
-from _cases import (DTYPES, FORMS, LAYOUTS, MODES, PADDINGS, assert_close, affine_oracle, make_input,
-                    make_params, oracle, run)
-
-
-def gen_for(request):
-    """A generator seeded from the test id: fresh random inputs per case, reproducible per case."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def check_case(request, device, form, mode, padding_mode, align_corners, dtype, layout,
-               shape=(2, 3, 7, 13), K=2, size=(5, 11), spread=1.0, grads=True, tol_scale=1.0):
-    gen = gen_for(request)
-    x = make_input(shape, dtype, layout, device, gen)
-    params = make_params(form, shape[0], K, size, align_corners, dtype, device, gen, spread)
-    assert st.backend(x) != "reference", "the kernels must be under test, not the reference"
-    x.requires_grad_(grads)
-    for p in params:
-        p.requires_grad_(grads)
-    opts = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
-    out = run(form, x, params, size, **opts)
-    ref, x64, p64 = oracle(form, x, params, size, **opts)
-    assert out.dtype == dtype and out.shape == ref.shape
-    assert_close(out, ref, dtype, "output", tol_scale=tol_scale)
-    if form == "affine":  # and against PyTorch itself, not only our reference
-        assert_close(out, affine_oracle(x.detach(), params[0].detach(), size, mode, padding_mode, align_corners),
-                     dtype, "output vs F.grid_sample", tol_scale=tol_scale)
-    if not grads:
-        return out
-    grad_out = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
-    got = torch.autograd.grad(out, (x, *params), grad_out)
-    want = torch.autograd.grad(ref, (x64, *p64), grad_out.double().cpu())
-    assert_close(got[0], want[0], dtype, "grad x", tol_scale=tol_scale)
-    for name, g, w in zip(("grad params", "grad basis"), got[1:], want[1:]):
-        assert g.dtype == params[0].dtype or name == "grad basis"
-        assert_close(g, w, dtype, name, scale_by_max=True, tol_scale=tol_scale)
-    return out
+from _cases import DTYPES, FORMS, FORMS3, LAYOUTS, MODES, PADDINGS, check_case, gen_for, make_params, ndim
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -66,51 +31,79 @@ def test_odd_shapes(request, device, form, shape, size, align_corners):
                    shape=shape, K=3, size=size)
 
 
+# per dimension: (input shape, output size): 10x zoom-in in 2-D (~100 contributions per input pixel),
+# 4x in 3-D (~64 per input voxel)
+ZOOM = {2: ((1, 2, 6, 7), (60, 70)), 3: ((1, 2, 3, 3, 4), (12, 12, 16))}
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("form", FORMS)
-def test_zoom_in_10x(request, device, form, mode):
-    """Each input pixel receives ~100 contributions: the scatter (atomic or sorted) must sum them all."""
+@pytest.mark.parametrize("form", FORMS + FORMS3)
+def test_zoom_in(request, device, form, mode):
+    """Each input pixel receives many contributions: the scatter (atomic or sorted) must sum them all."""
+    shape, size = ZOOM[ndim(form)]
     check_case(request, device, form, mode, "border", False, torch.float32, "contiguous",
-               shape=(1, 2, 6, 7), K=1, size=(60, 70), spread=0.05)
+               shape=shape, K=1, size=size, spread=0.05)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("form", FORMS)
-def test_downsample_2x(request, device, form, mode):
-    check_case(request, device, form, mode, "zeros", True, torch.float32, "channels_last",
-               shape=(2, 3, 30, 34), K=2, size=(15, 17), spread=0.2)
+# (form, mode, layout, input shape, output size): 2x down-sampling, both modes in 2-D, trilinear in 3-D
+DOWNSAMPLE = [(form, mode, "channels_last", (2, 3, 30, 34), (15, 17)) for form in FORMS for mode in MODES]
+DOWNSAMPLE += [(form, "bilinear", "channels_last_3d", (2, 3, 8, 10, 12), (4, 5, 6)) for form in FORMS3]
+
+
+@pytest.mark.parametrize("form,mode,layout,shape,size", DOWNSAMPLE, ids=[f"{c[0]}-{c[1]}" for c in DOWNSAMPLE])
+def test_downsample_2x(request, device, form, mode, layout, shape, size):
+    check_case(request, device, form, mode, "zeros", True, torch.float32, layout, shape=shape, K=2, size=size,
+               spread=0.2)
 
 
 @pytest.mark.parametrize("padding_mode", PADDINGS)
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", FORMS + FORMS3)
 def test_far_outside(request, device, form, padding_mode):
-    """Coordinates tens of image widths away. Reflection folds them back into the image, where a
-    float32 coordinate of ~500 pixels carries ~3e-5 pixels of rounding: the tolerance says so."""
+    """Coordinates tens of image (volume) widths away. Reflection folds them back into the image, where
+    a float32 coordinate of ~500 pixels carries ~3e-5 pixels of rounding: the tolerance says so."""
     check_case(request, device, form, "bilinear", padding_mode, False, torch.float32, "contiguous",
                spread=40.0, tol_scale=25.0 if padding_mode == "reflection" else 1.0)
 
 
-def test_output_memory_format(device):
-    x = torch.randn(2, 3, 9, 8, device=device).contiguous(memory_format=torch.channels_last)
-    theta = torch.eye(2, 3, device=device).expand(2, 2, 3)
-    assert st.affine_sample(x, theta, (5, 4)).is_contiguous(memory_format=torch.channels_last)
-    out_k = st.affine_sample(x, theta[:, None].expand(2, 3, 2, 3), (5, 4))
-    assert out_k.shape == (2, 3, 3, 5, 4) and out_k.stride(2) == 1
-    assert st.affine_sample(x.contiguous(), theta, (5, 4)).is_contiguous()
+# per dimension: (input shape, K, output size)
+PARALLEL = {2: ((2, 3, 10, 12), 4, (6, 7)), 3: ((2, 3, 4, 5, 6), 3, (3, 4, 5))}
 
 
-def test_parallel_transforms_equal_separate_calls(request, device):
+@pytest.mark.parametrize("form", ["affine", "affine3d"])
+def test_parallel_transforms_equal_separate_calls(request, device, form):
+    """K transforms in one call equal K calls of one, bit for bit; and one of them equals st.grid_sample
+    on F.affine_grid's grid."""
+    shape, K, size = PARALLEL[ndim(form)]
     gen = gen_for(request)
-    x = torch.randn(2, 3, 10, 12, generator=gen).to(device)
-    (theta,) = make_params("affine", 2, 4, (6, 7), False, torch.float32, device, gen)
-    out = st.affine_sample(x, theta, (6, 7))
-    for k in range(4):
-        torch.testing.assert_close(out[:, k], st.affine_sample(x, theta[:, k], (6, 7)), rtol=0, atol=0)
+    x = torch.randn(shape, generator=gen).to(device)
+    (theta,) = make_params(form, shape[0], K, size, False, torch.float32, device, gen)
+    out = st.affine_sample(x, theta, size)
+    assert out.shape == (shape[0], K, shape[1], *size)
+    for k in range(K):
+        torch.testing.assert_close(out[:, k], st.affine_sample(x, theta[:, k], size), rtol=0, atol=0)
+    grid = F.affine_grid(theta[:, 1], (shape[0], shape[1], *size), align_corners=False)
+    torch.testing.assert_close(st.grid_sample(x, grid, align_corners=False), out[:, 1], rtol=1e-5, atol=1e-5)
 
 
-def test_identity_reproduces_input(device):
-    """Up to float32 rounding of the source index, which PyTorch's grid_sample shares (a few 1e-6)."""
-    x = torch.randn(2, 3, 9, 11, device=device)
+# per dimension: (input shape, output size, K and output size of the K-transform call)
+IDENTITY = {2: ((2, 3, 9, 11), (5, 4), 3, (5, 4)), 3: ((2, 3, 4, 5, 6), (3, 4, 5), 2, 3)}
+
+
+@pytest.mark.parametrize("form", ["affine", "affine3d"])
+def test_identity_and_output_layout(device, form):
+    """The identity reproduces the input, up to float32 rounding of the source index, which PyTorch's
+    grid_sample shares (a few 1e-6); outputs keep the input's memory format (channels innermost for K
+    transforms)."""
+    n = ndim(form)
+    shape, size, K, size_k = IDENTITY[n]
+    x = torch.randn(shape, device=device)
+    eye = torch.eye(n, n + 1, device=device).expand(2, n, n + 1)
     for ac in (False, True):
-        eye = torch.eye(2, 3, device=device).expand(2, 2, 3)
         torch.testing.assert_close(st.affine_sample(x, eye, align_corners=ac), x, rtol=1e-5, atol=1e-5)
+    last = torch.channels_last if n == 2 else torch.channels_last_3d
+    cl = x.contiguous(memory_format=last)
+    assert st.affine_sample(cl, eye, size).is_contiguous(memory_format=last)
+    out_k = st.affine_sample(cl, eye[:, None].expand(2, K, n, n + 1), size_k)
+    assert out_k.shape == (2, K, 3, *(size_k if isinstance(size_k, tuple) else (size_k,) * n))
+    assert out_k.stride(2) == 1
+    assert st.affine_sample(x, eye, size).is_contiguous()

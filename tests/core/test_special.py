@@ -7,39 +7,27 @@ import torch.nn.functional as F
 
 import stn_triton as st
 from stn_triton import ops
-from _cases import FORMS, MODES, PADDINGS, assert_close, make_params, oracle, run
-
-
-def _nonfinite_params(form, device):
-    """Parameters of a form where some (n, k) contain NaN, +inf or -inf."""
-    gen = torch.Generator().manual_seed(7)
-    params = make_params(form, 2, 3, (5, 6), False, torch.float32, device, gen)
-    p0 = params[0].clone()
-    if form == "grid":
-        p0[0, 0, 1, 2, 0] = float("nan")
-        p0[0, 1, 2, :, 1] = float("inf")
-        p0[1, 0, :, 3, 0] = -float("inf")
-        p0[1, 2, 4, 5, :] = float("nan")
-    else:
-        p0[0, 0, 0, 0] = float("nan")
-        p0[0, 1, 1, 2] = float("inf")
-        p0[1, 0, 0, 1] = -float("inf")
-    return (p0, *params[1:])
+from _cases import (FORMS, FORMS3, MODES, NONFINITE, PADDINGS, assert_close, make_params, ndim, nonfinite_params,
+                    oracle, run)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("padding_mode", PADDINGS)
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", FORMS + FORMS3)
 def test_nonfinite_parameters(device, form, padding_mode, mode):
     """NaN/inf never read or write out of bounds; the output is PyTorch's (CUDA's): zeros padding
-    gives 0, border and reflection clamp, as stn_triton.reference documents."""
-    x = torch.randn(2, 3, 7, 8, device=device, requires_grad=True)
-    params = [p.requires_grad_() for p in _nonfinite_params(form, device)]
+    gives 0, border and reflection clamp, as stn_triton.reference documents; gradients as the
+    reference's. In 3-D the grid also holds finite coordinates far past int32 (not under reflection:
+    reflected, float32 rounding of such a coordinate is all there is)."""
+    shape, _, size = NONFINITE[ndim(form)]
+    x = torch.randn(shape, device=device, requires_grad=True)
+    huge = ndim(form) == 3 and padding_mode != "reflection"
+    params = [p.requires_grad_() for p in nonfinite_params(form, device, huge)]
     opts = dict(mode=mode, padding_mode=padding_mode, align_corners=False)
-    out = run(form, x, params, (5, 6), **opts)
-    ref, x64, p64 = oracle(form, x, params, (5, 6), **opts)
-    assert_close(out, ref, torch.float32, "output")
+    out = run(form, x, params, size, **opts)
+    ref, x64, p64 = oracle(form, x, params, size, **opts)
     assert torch.isfinite(out).all()
+    assert_close(out, ref, torch.float32, "output")
     grad_out = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, *params), grad_out)
     want = torch.autograd.grad(ref, (x64, *p64), grad_out.double().cpu())
@@ -74,14 +62,22 @@ def test_reference_skips_sanitizing_ordinary_grids_only():
     assert torch.equal(out[:, 0], want)
 
 
-def test_zeros_padding_nan_gives_zero(device):
-    x = torch.randn(1, 2, 4, 5, device=device)
-    theta = torch.full((1, 2, 3), float("nan"), device=device)
-    assert (st.affine_sample(x, theta) == 0).all()
-    grid = torch.zeros(1, 3, 3, 2, device=device)
-    grid[0, 1, 1, 0] = float("nan")
-    out = st.grid_sample(x, grid)
-    assert out[0, :, 1, 1].eq(0).all() and out[0, :, 0, 0].ne(0).all()
+@pytest.mark.parametrize("form", ["affine", "affine3d"])
+def test_zeros_padding_nan_gives_zero(device, form):
+    """NaN coordinates with zeros padding read nothing: 0, and only where the NaN is."""
+    n = ndim(form)
+    x = torch.randn(1, 2, *((4, 5) if n == 2 else (3, 4, 5)), device=device)
+    assert (st.affine_sample(x, torch.full((1, n, n + 1), float("nan"), device=device)) == 0).all()
+    if n == 2:
+        grid = torch.zeros(1, 3, 3, 2, device=device)
+        grid[0, 1, 1, 0] = float("nan")
+        out = st.grid_sample(x, grid, align_corners=False)
+        assert out[0, :, 1, 1].eq(0).all() and out[0, :, 0, 0].ne(0).all()
+    else:
+        grid = torch.zeros(1, 2, 2, 2, 3, device=device)
+        grid[0, 1, 0, 1, 2] = float("nan")
+        out = st.grid_sample(x, grid, align_corners=False)
+        assert out[0, :, 1, 0, 1].eq(0).all() and out[0, :, 0, 0, 0].ne(0).all()
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -96,53 +92,74 @@ def test_empty_batch(device, form):
         assert g.shape == t.shape
 
 
-@pytest.mark.parametrize("form", FORMS)
+# per dimension: (input shape, output size)
+GRADCHECK = {2: ((1, 2, 5, 6), (3, 4)), 3: ((1, 2, 3, 4, 5), (2, 3, 3))}
+
+
+@pytest.mark.parametrize("form", FORMS + FORMS3)
 def test_gradcheck_float64(form):
     """float64 takes the reference path on every device: gradcheck through the public functions."""
+    shape, size = GRADCHECK[ndim(form)]
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, generator=gen, requires_grad=True)
-    params = [p.double().requires_grad_() for p in make_params(form, 1, 2, (3, 4), False, torch.float32, "cpu", gen)]
+    x = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+    params = [p.double().requires_grad_() for p in make_params(form, 1, 2, size, False, torch.float32, "cpu", gen)]
     assert st.backend(x) == "reference"
     for padding_mode in PADDINGS:
-        fn = lambda x, *p: run(form, x, p, (3, 4), padding_mode=padding_mode)  # noqa: E731
+        fn = lambda x, *p: run(form, x, p, size, padding_mode=padding_mode, align_corners=False)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
 
 
-def _op_args(form, device):
-    gen = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 3, 6, 7, generator=gen).to(device).requires_grad_()
-    params = [p.requires_grad_() for p in make_params(form, 2, 2, (4, 5), False, torch.float32, device, gen)]
-    return x, params
+# per form: (input shape, K, output size, the (mode, padding_mode, align_corners) checked)
+OPCHECK = {form: ((2, 3, 6, 7), 2, (4, 5), (("bilinear", "zeros", False), ("nearest", "reflection", True)))
+           for form in FORMS}
+OPCHECK.update({"affine3d": ((1, 2, 3, 3, 4), 2, (2, 2, 3), (("bilinear", "zeros", False),)),
+                "basis3d": ((1, 2, 3, 3, 4), 2, (2, 2, 3), (("nearest", "reflection", True),)),
+                "grid3d": ((1, 2, 3, 3, 4), 2, (2, 2, 3), (("bilinear", "border", True),))})
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", OPCHECK)
 def test_opcheck(device, form):
     fwd, bwd = ops.OPS[form]
-    x, params = _op_args(form, device)
-    for mode, padding_mode, ac in (("bilinear", "zeros", False), ("nearest", "reflection", True)):
-        torch.library.opcheck(fwd, (x, *params, [4, 5], mode, padding_mode, ac))
-        grad = torch.randn(2, 2, 3, 4, 5, device=device)
+    assert fwd._qualname == f"stn_triton::{form}_sample" and bwd._qualname == f"stn_triton::{form}_sample_backward"
+    shape, K, size, combos = OPCHECK[form]
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    params = [p.requires_grad_() for p in make_params(form, shape[0], K, size, False, torch.float32, device, gen)]
+    for mode, padding_mode, ac in combos:
+        torch.library.opcheck(fwd, (x, *params, list(size), mode, padding_mode, ac))
+        grad = torch.randn(shape[0], K, shape[1], *size, generator=gen).to(device)
         needs = [True] * (1 + len(params))
-        torch.library.opcheck(bwd, (grad, x.detach(), *[p.detach() for p in params], [4, 5], mode, padding_mode, ac, needs),
+        torch.library.opcheck(bwd, (grad, x.detach(), *[p.detach() for p in params], list(size), mode, padding_mode,
+                                    ac, needs),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_torch_compile_fullgraph(device):
+# per dimension: (input shape, output size, the localisation layer's bias: theta at the start)
+COMPILE = {
+    2: ((2, 3, 8, 9), (5, 6), [0.9, 0.1, 0.05, -0.1, 1.1, 0.0]),
+    3: ((2, 2, 3, 4, 5), (2, 3, 4), [0.9, 0.1, 0.0, 0.05, -0.1, 1.1, 0.0, 0.0, 0.0, 0.1, 0.95, -0.1]),
+}
+
+
+@pytest.mark.parametrize("n", COMPILE, ids=["2d", "3d"])
+def test_torch_compile_fullgraph(device, n):
+    shape, size, bias = COMPILE[n]
+
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.loc = torch.nn.Linear(3 * 8 * 9, 6)
+            self.loc = torch.nn.Linear(torch.Size(shape[1:]).numel(), n * (n + 1))
             torch.nn.init.zeros_(self.loc.weight)
             with torch.no_grad():
-                self.loc.bias.copy_(torch.tensor([0.9, 0.1, 0.05, -0.1, 1.1, 0.0]))
+                self.loc.bias.copy_(torch.tensor(bias))
 
         def forward(self, x):
-            theta = self.loc(x.flatten(1)).view(-1, 2, 3)
-            return st.affine_sample(x, theta, (5, 6)).square().mean()
+            theta = self.loc(x.flatten(1)).view(-1, n, n + 1)
+            return st.affine_sample(x, theta, size).square().mean()
 
     torch._dynamo.reset()
     net = Net().to(device)
-    x = torch.randn(2, 3, 8, 9, device=device, requires_grad=True)
+    x = torch.randn(shape, device=device, requires_grad=True)
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
     loss = compiled(x)
     gx, gw = torch.autograd.grad(loss, (x, net.loc.bias))
@@ -160,23 +177,29 @@ def deterministic():
     torch.use_deterministic_algorithms(False)
 
 
+# per dimension: (input shape, K, output size): a zoom-in, ~100 writes per input pixel in 2-D, tens per
+# input voxel in 3-D (8 per output voxel trilinear)
+DETERMINISTIC = {2: ((2, 3, 6, 7), 2, (32, 36)), 3: ((2, 3, 3, 4, 4), 1, (6, 7, 8))}
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", FORMS + FORMS3)
 def test_deterministic_backward(device, deterministic, form, mode):
-    """Bit-identical gradients on repeated runs under deterministic mode (zoom-in: ~100 writes per
-    input pixel), and the sorted-gather path agrees with the reference."""
+    """Bit-identical gradients on repeated runs under deterministic mode, and the sorted-gather path
+    agrees with the reference."""
+    shape, K, size = DETERMINISTIC[ndim(form)]
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 3, 6, 7, generator=gen).to(device).requires_grad_()
-    params = [p.requires_grad_() for p in make_params(form, 2, 2, (32, 36), False, torch.float32, device, gen, 0.1)]
-    grad_out = torch.randn(2, 2, 3, 32, 36, generator=gen).to(device)
+    x = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    params = [p.requires_grad_() for p in make_params(form, shape[0], K, size, False, torch.float32, device, gen, 0.1)]
+    grad_out = torch.randn(shape[0], K, shape[1], *size, generator=gen).to(device)
 
     def grads():
-        return torch.autograd.grad(run(form, x, params, (32, 36), mode=mode), (x, *params), grad_out)
+        return torch.autograd.grad(run(form, x, params, size, mode=mode), (x, *params), grad_out)
 
     first, second = grads(), grads()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    ref, x64, p64 = oracle(form, x, params, (32, 36), mode, "zeros", False)
+    ref, x64, p64 = oracle(form, x, params, size, mode, "zeros", False)
     want = torch.autograd.grad(ref, (x64, *p64), grad_out.double().cpu())
     assert_close(first[0], want[0], torch.float32, "grad x")
     for g, w in zip(first[1:], want[1:]):
@@ -197,7 +220,8 @@ def test_deterministic_channels_last_bf16(device, deterministic):
     assert_close(gx, want, torch.bfloat16, "grad x")
 
 
-def test_input_grad_skipped_when_not_required(device, monkeypatch):
+@pytest.mark.parametrize("form", ["affine", "affine3d"])
+def test_input_grad_skipped_when_not_required(device, monkeypatch, form):
     from stn_triton.kernels import launch
 
     seen = {}
@@ -208,22 +232,30 @@ def test_input_grad_skipped_when_not_required(device, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(launch, "sample_backward", spy)
-    x = torch.randn(1, 2, 5, 6, device=device)
-    theta = torch.eye(2, 3, device=device)[None].requires_grad_()
+    n = ndim(form)
+    x = torch.randn(1, 2, *((5, 6) if n == 2 else (3, 4, 5)), device=device)
+    theta = torch.eye(n, n + 1, device=device)[None].requires_grad_()
     (g,) = torch.autograd.grad(st.affine_sample(x, theta).sum(), theta)
     assert seen["need_x"] is False and seen["need_param"] is True
     assert torch.isfinite(g).all()
 
 
-def test_autocast_samples_in_low_precision_keeps_theta_fp32(device):
-    x = torch.randn(2, 3, 6, 7, device=device)
-    theta = (torch.eye(2, 3, device=device) * 0.9)[None].repeat(2, 1, 1).requires_grad_()
+# per dimension: (input shape, output size)
+AUTOCAST = {2: ((2, 3, 6, 7), (4, 5)), 3: ((2, 3, 3, 4, 5), (2, 3, 4))}
+
+
+@pytest.mark.parametrize("form", ["affine", "affine3d"])
+def test_autocast_samples_in_low_precision_keeps_theta_fp32(device, form):
+    n = ndim(form)
+    shape, size = AUTOCAST[n]
+    x = torch.randn(shape, device=device)
+    theta = (torch.eye(n, n + 1, device=device) * 0.9)[None].repeat(2, 1, 1).requires_grad_()
     with torch.autocast(device_type=device, dtype=torch.bfloat16):
-        out = st.affine_sample(x, theta, (4, 5))
+        out = st.affine_sample(x, theta, size)
     assert out.dtype == torch.bfloat16
     (g,) = torch.autograd.grad(out.float().sum(), theta)
     assert g.dtype == torch.float32
-    ref, _, _ = oracle("affine", x.to(torch.bfloat16), (theta.detach()[:, None],), (4, 5), "bilinear", "zeros", False)
+    ref, _, _ = oracle(form, x.to(torch.bfloat16), (theta.detach()[:, None],), size, "bilinear", "zeros", False)
     assert_close(out, ref[:, 0], torch.bfloat16, "autocast output")
 
 

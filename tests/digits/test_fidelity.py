@@ -86,7 +86,7 @@ def test_rotation_report_partial_none_and_wrong_way(k):
     assert r["median_residual_deg"] == pytest.approx(float(torch.quantile(expected.abs(), 0.5)), abs=1e-3)
 
 
-def test_an_undoing_transformer_really_makes_the_digits_upright(digits):
+def test_an_undoing_transformer_really_makes_the_digits_upright(reference, digits):
     """The measure's sign convention checked on pixels: rotate real digits with the R distortion,
     undo them with the hand-set transformer fed the applied angles; its output is the upright digit
     (and the measure says residual 0), while the opposite rotation doubles the error."""
@@ -118,13 +118,14 @@ def test_rotation_report_needs_an_affine_transformer_and_matching_angles():
 
 @pytest.mark.parametrize("distortion", ["R", "RTS", "TC"])
 @pytest.mark.parametrize("kind", ["FCN", "CNN"])
-def test_parameter_counts_match_within_ten_percent_at_every_canvas(distortion, kind):
+def test_parameter_counts_match_within_ten_percent_at_every_canvas(reference, distortion, kind):
     side = canvas_size(distortion)
-    models = [m for m in MODELS if m == kind or m.startswith(f"ST-{kind}-")]
-    counts = {m: count_parameters(_materialise(build(m, side, 28), side)) for m in models}
+    names = [m for m in MODELS if m == kind or m.startswith(f"ST-{kind}-")]
+    models = {m: _materialise(build(m, side, 28), side) for m in names}
+    counts = {m: count_parameters(model) for m, model in models.items()}
     assert max(counts.values()) <= 1.10 * min(counts.values()), counts
     # the classifier is the same module, with the same parameters, in the baseline and its STs
-    shapes = {m: [tuple(p.shape) for p in build(m, side, 28).classifier.parameters()] for m in models}
+    shapes = {m: [tuple(p.shape) for p in model.classifier.parameters()] for m, model in models.items()}
     assert all(s == shapes[kind] for s in shapes.values())
 
 
@@ -179,7 +180,7 @@ def test_validation_split_is_fixed_and_disjoint(digits):
 
 # --- any MNIST-format data --------------------------------------------------------------------------------
 
-def test_object_radius_measures_how_far_the_objects_reach(digits):
+def test_object_radius_measures_how_far_the_objects_reach(reference, digits):
     mnist_like = D.object_radius(digits.train_x)
     assert 9 < mnist_like <= 14 and object_scale_for(mnist_like) == 1.0
     full = torch.zeros(4, 1, 28, 28)
@@ -189,9 +190,9 @@ def test_object_radius_measures_how_far_the_objects_reach(digits):
     scale = object_scale_for(radius)
     assert scale == pytest.approx(14 / radius)
     # shrunk by it, the object survives any rotation uncropped: its ink is kept
+    shrunk = distort("R", full, torch.Generator().manual_seed(0), object_scale=scale, max_angle=0.0)
     for angle in (30.0, 45.0, 90.0):
         out = distort("R", full, torch.Generator().manual_seed(0), object_scale=scale, max_angle=angle)
-        shrunk = distort("R", full, torch.Generator().manual_seed(0), object_scale=scale, max_angle=0.0)
         torch.testing.assert_close(out.sum((1, 2, 3)), shrunk.sum((1, 2, 3)), rtol=0.03, atol=0)
 
 

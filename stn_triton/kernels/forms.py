@@ -1,0 +1,78 @@
+"""The form table: every kernel form, 2-D and 3-D, in one place.
+
+A form is how the sampling coordinate of output pixel p is made (see each form's module for its
+math). Its row says what the kernels, the launchers, the ops (:mod:`stn_triton.ops`: op names,
+schemas, fakes, autograd), the reference (:mod:`stn_triton.reference`), the public functions and the
+compile-only report need to know:
+
+- ``coords``: the ``@triton.jit`` coordinate map, ``coords(p_prm, p_aux, p_pix, s_ac, q, b, mask_p, P,
+  DM, NDIM) -> ((gx, gy, gz), w)``: from this transform's parameter row ``p_prm``, the auxiliary tensor
+  (``p_aux``: B for basis forms; ``p_pix``: pointers to each pixel's entry in a per-pixel tensor, its
+  components ``s_ac`` apart), the flat pixel index ``q`` and the base grid ``b = (x, y, z)``, the
+  normalised coordinate (gz a stand-in in 2-D) and one extra value the terms may use (``w``);
+- ``terms``: the ``@triton.jit`` parameter-gradient terms, ``terms(acc, p_part, p_aux, q, mask_p, P, DM,
+  b, g, w, gg, NDIM) -> acc``: adds this tile's per-pixel terms of dL/dparams (row-major, padded) to the
+  ``[BLOCK_P, nacc]`` block ``acc``, or, with ``nacc = 0``, writes the tile's sums to ``p_part`` itself;
+- ``params``: the op's parameter tensors; the first is the transform's (N, K, ...) parameter, a
+  float32 matrix of ``rows x cols`` per transform (``cols`` 0: the basis dimension);
+- ``per_pixel``: the first parameter is itself per pixel (the grid): its gradient is dL/dg, written
+  per pixel, and no terms are summed;
+- ``grid``: the reference, ``grid(params, size, align_corners) -> (N, K, *size, ndim)``.
+
+Adding a form is one module for its math (its ``coords``, ``terms`` and ``grid``) plus one row here.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .affine import affine_coords, affine_grid, affine_terms
+from .basis import basis_coords, basis_grid, basis_terms
+from .grid import explicit_grid, grid_coords, no_terms
+from .projective import projective_coords, projective_grid, projective_terms
+
+
+@dataclass(frozen=True)
+class Form:
+    name: str  # the op is stn_triton::<name>_sample
+    ndim: int  # 2: input (N, C, H, W); 3: input (N, C, D, H, W)
+    params: tuple  # names of the op's parameter tensors
+    rows: int  # the transform's matrix: rows x cols per (n, k) (cols 0: the basis dimension, D)
+    cols: int
+    coords: object  # @triton.jit coordinate map
+    terms: object  # @triton.jit parameter-gradient terms
+    nacc: int  # width of the terms block (a power of two >= rows * cols); 0: the terms store per tile
+    grid: Callable  # pure-PyTorch grid: the reference and the test oracle
+    per_pixel: bool = False  # the parameter is the grid itself (dL/dg is its gradient)
+    basis: bool = False  # the second parameter is a basis B (D, P), with its own gradient kernel
+
+    @property
+    def kind(self):
+        """The form without its dimension: affine, projective, basis or grid (a family's kernel_form kind)."""
+        return self.name[:-2] if self.name.endswith("3d") else self.name
+
+    @property
+    def op(self):
+        return f"{self.name}_sample"
+
+    @property
+    def per_tile(self):
+        """The terms write each tile's sums themselves (one tile per backward program)."""
+        return self.nacc == 0 and not self.per_pixel
+
+
+FORMS = {f.name: f for f in (
+    Form("affine", 2, ("theta",), 2, 3, affine_coords, affine_terms, 8, affine_grid),
+    Form("projective", 2, ("h",), 3, 3, projective_coords, projective_terms, 16, projective_grid),
+    Form("basis", 2, ("m", "basis"), 2, 0, basis_coords, basis_terms, 0, basis_grid, basis=True),
+    Form("grid", 2, ("grid",), 0, 0, grid_coords, no_terms, 0, explicit_grid, per_pixel=True),
+    Form("affine3d", 3, ("theta",), 3, 4, affine_coords, affine_terms, 16, affine_grid),
+    Form("basis3d", 3, ("m", "basis"), 3, 0, basis_coords, basis_terms, 0, basis_grid, basis=True),
+    Form("grid3d", 3, ("grid",), 0, 0, grid_coords, no_terms, 0, explicit_grid, per_pixel=True),
+)}
+FORMS_3D = tuple(name for name, f in FORMS.items() if f.ndim == 3)
+
+
+def find(kind, ndim):
+    """The row of form ``kind`` (affine, projective, basis, grid) for ``ndim`` (2 or 3) spatial
+    dimensions, or None when the form has no such version (projective in 3-D)."""
+    return next((f for f in FORMS.values() if f.kind == kind and f.ndim == ndim), None)

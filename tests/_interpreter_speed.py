@@ -1,0 +1,61 @@
+"""Triton's interpreter, without its per-call re-patching (test-only, like ``_interpreter_atomics``).
+
+The interpreter swaps ``triton.language``'s builtins for interpreted ones when a kernel launches
+(``GridExecutor.__call__`` -> ``_patch_lang``, restored when the launch ends), and again on every call
+of a ``@triton.jit`` helper from inside the kernel (``InterpretedFunction.__call__``), each time
+walking three modules with ``inspect.getmembers``. Inside a launch that second patching finds the
+namespace already patched whenever the helper sees no module the launch has not patched (the same
+``triton.language`` and ``triton.language.core`` objects) and changes nothing, but it cost about a third of the kernel tests' time once the
+kernels were written as small helpers. This skips it in exactly that case; the launch's own patching, its restoring, and every
+helper that sees another module (Triton's own standard library sees ``triton.language.core``) are
+untouched.
+"""
+
+
+class _NoScope:
+    def restore(self):
+        pass
+
+
+def install():
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_stn_triton_fast_patch", False):
+        return
+    original = interpreter._patch_lang
+    state = {"launches": 0, "pending": False, "patched": set()}
+    seen = {}  # function -> the triton.language modules its globals see (tl, tl.core)
+
+    def langs(fn):
+        key = id(fn.__globals__)
+        if key not in seen:
+            seen[key] = frozenset(id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        return seen[key]
+
+    def patch_lang(fn):
+        if state["pending"] or not state["launches"]:  # a launch's own patching (or none in progress)
+            state["pending"] = False
+            state["patched"] = set(langs(fn))
+            return original(fn)
+        if langs(fn) <= state["patched"]:  # a helper that sees only modules this launch patched
+            return _NoScope()
+        state["patched"] |= langs(fn)
+        return original(fn)
+
+    run = interpreter.GridExecutor.__call__
+
+    def launch(self, *args, **kwargs):
+        state["launches"] += 1
+        state["pending"] = True
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            state["launches"] -= 1
+            state["pending"] = False
+
+    interpreter._patch_lang = patch_lang
+    interpreter.GridExecutor.__call__ = launch
+    interpreter._stn_triton_fast_patch = True
