@@ -29,7 +29,7 @@ import torch
 from . import reference
 from ._backend import backend
 from .kernels import launch
-from .kernels.forms import FORMS, FORMS_3D
+from .kernels.forms import FORMS
 
 _LIB = torch.library.Library("stn_triton", "FRAGMENT")  # autocast registrations live here
 _TAIL = "SymInt[] size, str mode, str padding_mode, bool align_corners"

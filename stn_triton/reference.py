@@ -21,12 +21,14 @@ nothing; ``border`` reads pixel 0 (NaN, -inf) or the last pixel (+inf) with weig
 reads pixel 0 with weight 1. The kernels do the same (:mod:`stn_triton.kernels.common`).
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 import transforms_registry
 
-from .kernels.forms import FORMS, FORMS_3D  # noqa: F401 (FORMS_3D: the 3-D forms' names)
+from .kernels.forms import FORMS
 
 _FAR = 2.0 ** 30
 
@@ -107,18 +109,14 @@ def sample(x, grid, mode, padding_mode, align_corners):
 # Tricubic sampling (``mode="bicubic"`` on 5-D input), for a torch whose grid_sample lacks it
 # --------------------------------------------------------------------------------------------------
 
-_TRICUBIC = []
-
-
+@functools.cache
 def _torch_has_tricubic():
     """Whether this torch's ``F.grid_sample`` takes ``mode="bicubic"`` on 5-D input (newer ones do)."""
-    if not _TRICUBIC:
-        try:
-            F.grid_sample(torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1, 1, 3), mode="bicubic", align_corners=False)
-            _TRICUBIC.append(True)
-        except (RuntimeError, ValueError, NotImplementedError):
-            _TRICUBIC.append(False)
-    return _TRICUBIC[0]
+    try:
+        F.grid_sample(torch.zeros(1, 1, 1, 1, 1), torch.zeros(1, 1, 1, 1, 3), mode="bicubic", align_corners=False)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return False
+    return True
 
 
 def _cubic_weights(t):

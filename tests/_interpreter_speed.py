@@ -9,6 +9,9 @@ namespace already patched whenever the helper sees no module the launch has not 
 kernels were written as small helpers. This skips it in exactly that case; the launch's own patching, its restoring, and every
 helper that sees another module (Triton's own standard library sees ``triton.language.core``) are
 untouched.
+
+It also remembers ``_get_np_dtype``'s answers: the interpreter asks it the numpy dtype of a Triton
+type at nearly every operation, and it builds a dictionary of twenty entries each time it is asked.
 """
 
 
@@ -58,4 +61,20 @@ def install():
 
     interpreter._patch_lang = patch_lang
     interpreter.GridExecutor.__call__ = launch
+
+    np_dtype = interpreter._get_np_dtype
+    known = {}
+
+    def get_np_dtype(tt_dtype):
+        if isinstance(tt_dtype, tl.block_type):
+            tt_dtype = tt_dtype.element_ty  # a block's numpy dtype is its element's
+        if isinstance(tt_dtype, tl.pointer_type):  # (unhashable) any pointer is a uint64
+            return np_dtype(tt_dtype)
+        try:
+            return known[tt_dtype]
+        except KeyError:
+            known[tt_dtype] = found = np_dtype(tt_dtype)
+            return found
+
+    interpreter._get_np_dtype = get_np_dtype
     interpreter._stn_triton_fast_patch = True

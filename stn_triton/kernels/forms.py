@@ -51,10 +51,6 @@ class Form:
         return self.name[:-2] if self.name.endswith("3d") else self.name
 
     @property
-    def op(self):
-        return f"{self.name}_sample"
-
-    @property
     def per_tile(self):
         """The terms write each tile's sums themselves (one tile per backward program)."""
         return self.nacc == 0 and not self.per_pixel
@@ -69,7 +65,6 @@ FORMS = {f.name: f for f in (
     Form("basis3d", 3, ("m", "basis"), 3, 0, basis_coords, basis_terms, 0, basis_grid, basis=True),
     Form("grid3d", 3, ("grid",), 0, 0, grid_coords, no_terms, 0, explicit_grid, per_pixel=True),
 )}
-FORMS_3D = tuple(name for name, f in FORMS.items() if f.ndim == 3)
 
 
 def find(kind, ndim):

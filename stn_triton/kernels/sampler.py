@@ -89,17 +89,23 @@ def _offset(d, i, j, s_d, s_h, s_w, NDIM: tl.constexpr):
 
 
 @triton.jit
+def _split(q, inner, NDIM: tl.constexpr):
+    """A 3-D plane index ``q`` as (``q // inner``, ``q % inner``): a voxel's depth and its row (of a
+    plane of ``inner`` rows), or its depth and its pixel within the slice; in 2-D both are ``q``."""
+    if NDIM == 3:
+        outer = q // inner
+        return outer, q - outer * inner
+    else:
+        return q, q
+
+
+@triton.jit
 def _coords(COORDS: tl.constexpr, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s_ac, r, j, mask_p, Ho, Wo, P, DM,
             bsx, box, bsy, boy, bsz, boz, NDIM: tl.constexpr):
     """Each pixel's depth ``d`` and row ``i`` (``d`` is a stand-in in 2-D), the base grid ``b`` = (x, y, z)
     (``affine_grid``'s, from the index), and the form's normalised coordinate ``g`` = (gx, gy, gz) and
     extra value ``w`` (the projective denominator; a stand-in elsewhere). 2-D: z and gz are stand-ins."""
-    if NDIM == 3:
-        d = r // Ho
-        i = r - d * Ho
-    else:
-        d = r
-        i = r
+    d, i = _split(r, Ho, NDIM)
     x = j.to(tl.float32) * bsx + box
     y = i.to(tl.float32) * bsy + boy
     if NDIM == 3:
@@ -637,12 +643,7 @@ def gather_grad_input_kernel(
         o_g = tl.load(p_goff_n + (e >> LOG2_NC), mask=live, other=0)
         go = tl.load(p_gon + o_g, mask=live & mask_c, other=0.0).to(tl.float32)
         acc += wt * go
-    if NDIM == 3:
-        zq = offs_q // HW
-        rem = offs_q - zq * HW
-    else:
-        zq = offs_q
-        rem = offs_q
+    zq, rem = _split(offs_q, HW, NDIM)
     yq = rem // W
     o_d = n * s_dn + _offset(zq, yq, rem - yq * W, s_dd, s_dh, s_dw, NDIM)  # [BQ, 1], once per program
     tl.store(p_gx + o_d + offs_c * s_dc, acc.to(p_gx.dtype.element_ty), mask=mask_q & mask_c)

@@ -230,3 +230,31 @@ def check_given(form, x, params, size, mode, padding_mode, align_corners, gen, g
         assert g.dtype == p.dtype and g.shape == p.shape
         assert_close(g, w, dtype, name, scale_by_max=True, tol_scale=tol_scale)
     return out
+
+
+def check_double_backward(form, x, params, size, mode, padding_mode, align_corners, gen):
+    """Second derivatives through the kernels' first order (the op's double backward), against the
+    float64 oracle's: with respect to the incoming gradient (a variable too), the input and the
+    parameters, weighted by random second-order gradients (a weight dropped, or taken as ones, shows)."""
+    out = run(form, x, params, size, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    w = torch.randn(out.shape, generator=gen).to(x.device).requires_grad_()
+    first = torch.autograd.grad(out, (x, *params), w, create_graph=True)
+    ref, x64, p64 = oracle(form, x, params, size, mode, padding_mode, align_corners)
+    w64 = w.detach().double().requires_grad_()
+    first64 = torch.autograd.grad(ref, (x64, *p64), w64, create_graph=True)
+    for a, b in zip(first, first64):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()))
+    v = [torch.randn(t.shape, generator=gen).to(x.device) for t in first]
+    second = torch.autograd.grad(first, (w, x, *params), v, allow_unused=True)
+    second64 = torch.autograd.grad(first64, (w64, x64, *p64), [t.double() for t in v], allow_unused=True)
+    assert_second(second, second64)
+
+
+def assert_second(ours, want):
+    """Second derivatives, float32 against float64; None (no dependence) equals zeros."""
+    for a, b in zip(ours, want):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a.double()
+        b = torch.zeros_like(a) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * max(1.0, b.abs().max().item()))

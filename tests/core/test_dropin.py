@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import stn_triton as st
 from stn_triton.kernels import launch
-from _cases import FORMS, MODES, PADDINGS, make_params, run
+from _cases import FORMS, MODES, PADDINGS, assert_second, make_params, run
 
 ALIGN = (False, True)
 
@@ -277,16 +277,6 @@ def _sample(gen, device, dtype, non_contiguous):
     return x.to(dtype), g.to(dtype)
 
 
-def _assert_second(ours, want):
-    """Second derivatives, float32 against float64; None (no dependence) equals zeros."""
-    for a, b in zip(ours, want):
-        if a is None and b is None:
-            continue
-        a = torch.zeros_like(b) if a is None else a.double()
-        b = torch.zeros_like(a) if b is None else b
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * max(1.0, b.abs().max().item()))
-
-
 @pytest.mark.parametrize("align_corners", ALIGN, ids=["ac0", "ac1"])
 @pytest.mark.parametrize("padding_mode", PADDINGS)
 @pytest.mark.parametrize("mode", MODES)
@@ -315,7 +305,7 @@ def test_opinfo_samples(device, mode, padding_mode, align_corners):
     v = [torch.randn(t.shape, generator=gen).to(device) for t in first]
     second = torch.autograd.grad(first, (x, g), v, allow_unused=True)
     second64 = torch.autograd.grad(first64, (x64, g64), [t.double() for t in v], allow_unused=True)
-    _assert_second(second, second64)
+    assert_second(second, second64)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -337,7 +327,7 @@ def test_double_backward_every_form(device, form):
     v = [torch.randn(t.shape, generator=gen).to(device) for t in first]
     second = torch.autograd.grad(first, (x, *params), v, allow_unused=True)
     second64 = torch.autograd.grad(first64, (x64, *p64), [t.double() for t in v], allow_unused=True)
-    _assert_second(second, second64)
+    assert_second(second, second64)
 
 
 def test_gradgradcheck_reference():

@@ -229,8 +229,13 @@ def _todays_forward(model, x):
     return model.fc(model.head_drop(pooled)), theta, parts
 
 
-@pytest.mark.parametrize("name", ["stn_inception_v3_2x", LIGHT])
-@pytest.mark.parametrize("loc_is_input", [False, True], ids=["loc-resized", "loc-as-input"])
+# both models with the localisation input resized; the light one also with it as the input itself (the
+# same code path in either model)
+EAGER = [("stn_inception_v3_2x", False), (LIGHT, False), (LIGHT, True)]
+
+
+@pytest.mark.parametrize("name,loc_is_input", EAGER,
+                         ids=[f"{'loc-as-input' if i else 'loc-resized'}-{n}" for n, i in EAGER])
 def test_eager_forward_is_unchanged(reference, name, loc_is_input):
     """At the model's input size the eager forward and its gradients are exactly those of the
     computation before FX/TorchScript support."""
