@@ -114,8 +114,8 @@ def test_far_outside(request, device, form, padding_mode):
 
 # --- non-finite and huge coordinates ----------------------------------------------------------------
 
-# every padding for the affine and grid forms (coordinates from a matrix, and as given); one each,
-# rotated, for the others
+# every padding for the affine and grid forms (coordinates from a matrix, and as given); one other
+# padding each for projective and basis
 NONFINITE_CASES = [(form, p) for form in ("affine", "grid") for p in PADDINGS]
 NONFINITE_CASES += [("projective", "border"), ("basis", "reflection")]
 
@@ -355,7 +355,9 @@ def test_gradcheck_float64(form):
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["affine", "basis"])  # one op per form, mode an argument: test_special's
+# one op per form with the mode an argument: two forms here (one and two parameter tensors); every
+# form's op in test_special.py
+@pytest.mark.parametrize("form", ["affine", "basis"])
 def test_opcheck(device, form):
     fwd, bwd = ops.OPS[form]
     gen = torch.Generator().manual_seed(11)

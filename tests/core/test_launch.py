@@ -22,8 +22,8 @@ def many_tiles_per_program(monkeypatch):
 
 # (form, mode, layout, input shape, K, output size): several row tiles of 8 rows per backward program,
 # the last column short, in 2-D (37 rows) and 3-D (Do * Ho = 90 rows of 5 voxels: 12 row tiles)
-# (bilinear in each layout for the forms with a parameter gradient of their own kind; nearest, whose
-# parameters get no gradient, once)
+# (bilinear in each layout for a matrix form, the projective and the grid form; nearest, whose
+# coordinates get no gradient, once)
 TILES = [(form, "bilinear", layout, (2, 3, 20, 33), 2, (37, 13))
          for layout in ("contiguous", "channels_last") for form in ("affine", "projective", "grid")]
 TILES += [("affine", "nearest", "channels_last", (2, 3, 20, 33), 2, (37, 13))]
