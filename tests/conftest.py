@@ -6,7 +6,8 @@
   integers), so an element a kernel forgets to write fails the comparison.
 - Triton's interpreter gets bfloat16 ``atomic_add`` (``_interpreter_atomics``), so the kernels' own
   bfloat16 gradient accumulation runs under it as it does compiled, and skips re-patching
-  ``triton.language`` at every helper call inside a launch (``_interpreter_speed``), which changes
+  ``triton.language`` at every helper call inside a launch and runs each launch on a frame-stack chunk
+  of its own (``_interpreter_speed``), which changes
   nothing but the time.
 """
 
