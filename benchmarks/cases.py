@@ -181,7 +181,7 @@ def parse_case_spec(spec):
 
     ``D=`` makes a volumetric case (input N, C, D, H, W): ``Do`` defaults to D, the layout to ncdhw
     (``channels_last``/``cl`` mean channels_last_3d there); ``Do`` without ``D`` and a 3-D layout
-    without ``D`` are errors, and so is bicubic sampling of a volume (PyTorch has none for 5-D).
+    without ``D`` are errors. ``sampling=bicubic`` on a volume is tricubic (64 taps per voxel).
     Raises ValueError naming the bad field.
     """
     by_lower = {f.lower(): f for f in SPEC_FIELDS}
@@ -237,9 +237,6 @@ def parse_case_spec(spec):
     if volume:
         values.setdefault("Do", values["D"])
         values["layout"] = LAYOUTS_3D.get(values["layout"], values["layout"])
-        if values["sampling"] == "bicubic":
-            raise ValueError("field 'sampling': a volumetric case (D=) takes bilinear (trilinear) or nearest: "
-                             "PyTorch has no bicubic for 5-D input")
     elif values["layout"] in LAYOUTS_3D.values():
         raise ValueError(f"field 'layout': {values['layout']!r} is for a volumetric case (give D=)")
     if "name" not in values:

@@ -2,8 +2,9 @@
 
 Each case says its interpolation (``sampling``: bilinear, nearest or bicubic), which every provider
 uses (a provider without it gets a skipped row). A volumetric case (5-D input, ``D``/``Do`` set) runs
-the providers with a 3-D form; the others get skipped rows saying why, and every provider does for a
-bicubic volume (PyTorch has no bicubic for 5-D input).
+the providers with a 3-D form; the others get skipped rows saying why. A bicubic volume (tricubic)
+runs this library's providers; the others sample with ``F.grid_sample``, and get a skipped row
+where the installed PyTorch has no bicubic for 5-D input (then no row has a speedup against eager).
 
 Modes
 -----
@@ -32,9 +33,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from stn_triton import reference
+
 from . import timing
 from .cases import DTYPES, element_size, memory_estimate, min_bytes, over_int32
 from .providers import PROVIDERS, basis_dim, draw_params
+
+NO_TRICUBIC = f"this PyTorch ({torch.__version__}) has no bicubic for 5-D input"
 
 MODES = ("fwd", "bwd", "fwd+bwd", "bwd-det")
 MODE_HELP = {
@@ -205,8 +210,8 @@ def run_row(cfg, case, dtype, name, mode):
     ok, why = provider.available()
     if not ok:
         return _blank_row(case, dtype, name, mode, f"skipped: {why}")
-    if case.is_3d and case.sampling == "bicubic":
-        return _blank_row(case, dtype, name, mode, "skipped: PyTorch has no bicubic for 5-D input")
+    if case.is_3d and case.sampling == "bicubic" and not provider.ours and not reference._torch_has_tricubic():
+        return _blank_row(case, dtype, name, mode, f"skipped: {NO_TRICUBIC}")
     ok, why = provider.applies(case)
     if not ok:
         return _blank_row(case, dtype, name, mode, f"skipped: {why}")

@@ -33,7 +33,6 @@ FAMILY = {"affine": "affine", "projective": "projective", "basis": "basis", "gri
 # now over Do*Ho*Wo voxels: a synthetic one, for the kernel's cost), grid3d; projective has none.
 FORMS_3D = {"affine": "affine3d", "basis": "basis3d", "grid": "grid3d"}
 NO_3D = {"projective": "st.projective_sample has no 3-D form"}
-NO_BICUBIC_3D = "PyTorch has no bicubic for 5-D input"
 BASIS_DIM = 19  # the 4 x 4 thin plate spline of the benchmarks: 1, x, y and 16 radial terms
 STEP_MODES = ("fwd", "bwd", "fwd+bwd", "bwd-det")
 DISCLAIMER = ("A model, not a measurement: compiled for the target without a GPU; the issue time assumes "
@@ -112,7 +111,8 @@ def make_jobs(cases, dtypes, forms, modes):
     headline cases (affine form, fwd and bwd), one per autotune candidate (``choice``).
 
     A volumetric case's job names the 3-D form (``affine3d``, ...) and carries ``D``/``Do``; one the
-    kernels cannot run (projective, bicubic) carries ``skip``, the reason, and is reported, not compiled."""
+    kernels cannot run (projective) carries ``skip``, the reason, and is reported, not compiled; a
+    bicubic volume is tricubic."""
     try:
         from stn_triton.kernels.launch import TUNING
     except ImportError:  # a revision without autotuning
@@ -131,8 +131,6 @@ def make_jobs(cases, dtypes, forms, modes):
                            "mode": mode, "basis_dim": BASIS_DIM, "sampling": sampling}
                     if volume and form in NO_3D:
                         job["skip"] = NO_3D[form]
-                    elif volume and sampling == "bicubic":
-                        job["skip"] = NO_BICUBIC_3D
                     jobs.append(job)
     for job in list(jobs):
         if (job["case"] in ALTERNATIVE_CASES and _is_named(job, job["case"]) and job["form"] in ("affine", "affine3d")

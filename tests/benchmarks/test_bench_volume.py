@@ -1,7 +1,7 @@
 """Volumetric (5-D) benchmark cases: the named volumes' shapes and bytes, ``D=``/``Do=`` in a case spec,
 what the providers compute on a volume (kornia's ``warp_affine3d`` with converted theta included),
-the rows of a CPU run (skipped rows for the providers without a 3-D form and for bicubic), and the
-compile-only report of the 3-D kernels (Triton 3.6, sm_90).
+the rows of a CPU run (skipped rows for the providers without a 3-D form, and for PyTorch's where it
+has no tricubic), and the compile-only report of the 3-D kernels (Triton 3.6, sm_90).
 
 Under the test suite ``TRITON_INTERPRET=1`` is set: our providers run the Triton kernels in the
 interpreter, so every volume here is tiny.
@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from stn_triton import reference
 from stn_triton.benchmarks import cli, report, runner, static
 from stn_triton.benchmarks.cases import (NAMED, grid_bytes, io_bytes, memory_estimate, min_bytes, over_int32,
                                          param_bytes, parse_case_spec)
@@ -62,8 +63,8 @@ def test_case_spec_volume():
     c = parse_case_spec("n=1,c=2,d=4,h=5,w=6")  # case-insensitive; Do defaults to D, the layout to ncdhw
     assert (c.D, c.Do, c.layout, c.name) == (4, 4, "ncdhw", "1x2x4x5x6-4x5x6")
     assert parse_case_spec("N=1,C=2,H=5,W=6").D is None
+    assert parse_case_spec("N=1,C=2,D=3,H=5,W=6,sampling=cubic").sampling == "bicubic"  # tricubic
     for spec, words in [("N=1,C=2,H=5,W=6,Do=3", "'Do'"), ("N=1,C=2,H=5,W=6,layout=cl3d", "'layout'"),
-                        ("N=1,C=2,D=3,H=5,W=6,sampling=bicubic", "no bicubic for 5-D"),
                         ("N=1,C=2,D=0,H=5,W=6", "'D'")]:
         with pytest.raises(ValueError, match=words):
             parse_case_spec(spec)
@@ -116,9 +117,23 @@ def test_volume_providers_compute_the_same_transform(spec):
         p.reset()
 
 
+def test_tricubic_providers_compute_the_same_transform():
+    """Our fused and explicit-grid providers on a tricubic volume: the float64 reference's transform."""
+    case = parse_case_spec("N=1,C=2,D=3,H=4,W=5,Do=2,Ho=3,Wo=4,K=2,sampling=bicubic")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(case.N, case.C, *case.in_size, generator=g)
+    (theta,) = draw_params("affine", case, CPU, g)
+    want = reference.form_sample("affine3d", x.double(), [theta.double()], case.out_size, "bicubic", "zeros", False)
+    for name in ("ours-affine", "ours-grid"):
+        out = PROVIDERS[name].build(case, "float32", CPU)(x, PROVIDERS[name].leaves([theta], x, case))
+        torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4, msg=name)
+        PROVIDERS[name].reset()
+
+
 def test_cpu_run_of_a_volume(tmp_path):
     """A scaled-down volume through the runner: rows for the providers with a 3-D form, skipped rows
-    (with the reason) for the others and for every provider of the bicubic copy."""
+    (with the reason) for the others; of the tricubic copy, rows for ours and skipped rows for
+    PyTorch's where it has no tricubic."""
     case = parse_case_spec("N=1,C=2,D=3,H=4,W=5,Do=2,Ho=3,Wo=4,name=tiny-vol")
     names = ["ours-affine", "ours-projective", "ours-basis", "eager", "kornia"]
     cfg = RunConfig(cases=[case, case.sampled("bicubic")], providers=names, modes=["fwd"], dtypes=["float32"],
@@ -129,9 +144,13 @@ def test_cpu_run_of_a_volume(tmp_path):
     assert status[("tiny-vol", "kornia")] == ("ok" if HAS_KORNIA else "skipped: kornia not installed")
     assert status[("tiny-vol", "ours-projective")] == "skipped: st.projective_sample has no 3-D form"
     assert status[("tiny-vol", "ours-basis")].startswith("skipped: the benchmark's basis is the 2-D")
-    for name in names:
-        if name != "kornia" or HAS_KORNIA:
-            assert status[("tiny-vol-bicubic", name)] == "skipped: PyTorch has no bicubic for 5-D input"
+    assert status[("tiny-vol-bicubic", "ours-affine")] == "ok"
+    assert status[("tiny-vol-bicubic", "ours-projective")] == status[("tiny-vol", "ours-projective")]
+    if not reference._torch_has_tricubic():
+        assert status[("tiny-vol-bicubic", "eager")] == f"skipped: this PyTorch ({torch.__version__}) has no " \
+                                                         "bicubic for 5-D input"
+        tri = next(r for r in rows if (r["case"], r["provider"]) == ("tiny-vol-bicubic", "ours-affine"))
+        assert tri["median_ms"] > 0 and tri["speedup_vs_eager"] is None
     r = next(r for r in rows if (r["case"], r["provider"]) == ("tiny-vol", "ours-affine"))
     assert (r["D"], r["Do"], r["layout"]) == (3, 2, "ncdhw") and r["min_bytes"] == min_bytes(case, "float32", "fwd",
                                                                                                  "affine")
@@ -148,9 +167,9 @@ def test_static_jobs_of_a_volume():
                             ["float32"], ["affine", "projective", "grid"], ["fwd"])
     got = [(j["case"], j["form"], j.get("skip")) for j in jobs if "choice" not in j]
     assert got == [("vol-reg", "affine3d", None), ("vol-reg", "projective", "st.projective_sample has no 3-D form"),
-                   ("vol-reg", "grid3d", None), ("vol-reg-bicubic", "affine3d", static.NO_BICUBIC_3D),
+                   ("vol-reg", "grid3d", None), ("vol-reg-bicubic", "affine3d", None),
                    ("vol-reg-bicubic", "projective", "st.projective_sample has no 3-D form"),
-                   ("vol-reg-bicubic", "grid3d", static.NO_BICUBIC_3D)]
+                   ("vol-reg-bicubic", "grid3d", None)]
     assert (jobs[0]["D"], jobs[0]["Do"]) == (160, 160)
     assert [j["choice"] for j in jobs if "choice" in j] == list(range(len(launch.TUNING)))  # vol-reg affine fwd
 
