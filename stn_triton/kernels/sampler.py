@@ -531,14 +531,25 @@ def sample_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _index_row(r, p_idx, p_wt, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none, mask_p,
-               NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr):
+def _index_row(r, p_idx, p_wt, base, W, HW, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none, mask_p,
+               MODE: tl.constexpr, NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr):
     """Row ``r``'s entries: each tap's target input pixel (``none`` outside the image) and weight;
-    ``q*``: flat offsets of each axis' taps (x: 1, y: W, z: H*W), [BP] each."""
+    ``q*``: flat offsets of each axis' taps (x: 1, y: W, z: H*W), [BP] each. Unrolled linear taps are
+    neighbours: in 3-D each is ``base`` (the first tap's target) plus a constant of the row (a scalar),
+    which takes fewer registers (80 against 96) and integer operations than per-axis offsets; in 2-D
+    it takes more registers (48 -> 54-56), so 2-D adds the axes' offsets (NOTES.md, 2026-12-04)."""
     q_r, m_r, w_r, _, _ = _row(r, qy, my, wy, ey, qz, mz, wz, ez, NT, NDIM, STATIC)
-    for b in tl.static_range(NT):
-        tl.store(p_idx + (r * NT + b), tl.where(m_r & mx[b], q_r + qx[b], none), mask=mask_p)
-        tl.store(p_wt + (r * NT + b), w_r * wx[b], mask=mask_p)
+    if STATIC and MODE == MODE_LINEAR and NDIM == 3:
+        a: tl.constexpr = r % NT  # the row's y and z taps
+        c: tl.constexpr = r // NT
+        q_r = base + (a * W + c * HW)
+        for b in tl.static_range(NT):
+            tl.store(p_idx + (r * NT + b), tl.where(m_r & mx[b], q_r + b, none), mask=mask_p)
+            tl.store(p_wt + (r * NT + b), w_r * wx[b], mask=mask_p)
+    else:
+        for b in tl.static_range(NT):
+            tl.store(p_idx + (r * NT + b), tl.where(m_r & mx[b], q_r + qx[b], none), mask=mask_p)
+            tl.store(p_wt + (r * NT + b), w_r * wx[b], mask=mask_p)
 
 
 @triton.jit
@@ -573,14 +584,15 @@ def tap_index_kernel(
     o_e = o_pix << LOG2_NC  # entry of tap 0
     tl.store(p_goff + o_pix, k * s_gk + _offset(d, i, j, s_gd, s_gh, s_gw, NDIM), mask=mask_p)
     NR: tl.constexpr = NT ** (NDIM - 1)
+    base = qx[0] + qy[0] + qz[0]  # the first tap's target (3-D; 2-D does not use it)
     if MODE == MODE_CUBIC:
         for rr in range(0, NT ** (NDIM - 1)):
-            _index_row(rr, p_idx + o_e, p_wt + o_e, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none, mask_p,
-                       NT, NDIM, False)
+            _index_row(rr, p_idx + o_e, p_wt + o_e, base, W, HW, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none,
+                       mask_p, MODE, NT, NDIM, False)
     else:
         for rr in tl.static_range(NR):
-            _index_row(rr, p_idx + o_e, p_wt + o_e, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none, mask_p,
-                       NT, NDIM, True)
+            _index_row(rr, p_idx + o_e, p_wt + o_e, base, W, HW, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none,
+                       mask_p, MODE, NT, NDIM, True)
 
 
 @triton.jit
