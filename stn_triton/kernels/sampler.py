@@ -574,15 +574,16 @@ def tap_index_kernel(
     nk = n * K + k
     d, i, b, g, w = _coords(COORDS, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, s_ad, s_ah, s_aw, s_ac,
                             r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, NDIM)
+    o_pix = nk * P + r * Wo + j  # [BP] this pixel's entry in p_goff
+    o_e = o_pix << LOG2_NC  # entry of tap 0
+    # stored before the taps are made, so that d, i and j are dead by then
+    tl.store(p_goff + o_pix, k * s_gk + _offset(d, i, j, s_gd, s_gh, s_gw, NDIM), mask=mask_p)
     HW = H * W
     ax, ay, az, _ = _taps(g, mask_p, W, H, D, 1, W, HW, 1, W, HW, MODE, PAD, ALIGN, FMA, INT64, NDIM, False, False)
     qx, _, mx, wx, _ = ax
     qy, _, my, wy, ey = ay
     qz, _, mz, wz, ez = az
     none = D * HW
-    o_pix = nk * P + r * Wo + j  # [BP] this pixel's entry in p_goff
-    o_e = o_pix << LOG2_NC  # entry of tap 0
-    tl.store(p_goff + o_pix, k * s_gk + _offset(d, i, j, s_gd, s_gh, s_gw, NDIM), mask=mask_p)
     NR: tl.constexpr = NT ** (NDIM - 1)
     base = qx[0] + qy[0] + qz[0]  # the first tap's target (3-D; 2-D does not use it)
     if MODE == MODE_CUBIC:
