@@ -194,6 +194,17 @@ def test_plan_planar_and_channels_last():
     assert f32.block_c == 4 and f32.even_c
 
 
+def test_plan_of_a_volume():
+    vol = torch.empty(2, 3, 5, 9, 9, device="meta")
+    shape = lambda p: (p.block_c, p.block_p, p.num_warps)  # noqa: E731
+    assert shape(launch.plan(vol, 25, 9)) == (1, 512, 4)  # the forward as in 2-D
+    assert shape(launch.plan(vol, 25, 9, backward=True)) == (1, 256, 8)  # trilinear: one voxel per thread
+    assert shape(launch.plan(vol, 25, 9, backward=True, per_tile=True)) == (1, 256, 4)  # basis: two per thread
+    assert shape(launch.plan(vol, 25, 9, backward=True, mode="bicubic")) == (1, 128, 4)  # tricubic
+    # the autotune candidates scale the default's pixels and warps alike
+    assert launch._configs(launch.plan(vol, 25, 9, backward=True)) == [(256, 8), (512, 8), (512, 16), (128, 8)]
+
+
 def test_autotune_only_on_compiled_cuda(monkeypatch):
     p = launch.plan(torch.empty(2, 3, 64, 64, device="meta"), 64, 64)
     assert launch._choices(p, torch.device("cpu")) == [(p.block_p, p.num_warps)]
