@@ -26,6 +26,19 @@ And it remembers what the constructors of ``tl.block_type`` and ``tl.tensor`` de
 shape (the shape as a ``tl.tuple`` and its type, the element count, the printed name): every
 interpreted operation makes a new block type and tensor, and building those from scratch was a
 fifth of a kernel test's time. The objects come out with the same attributes (checked at install).
+
+And it answers four questions of Triton's front end without building anything, whenever the operands
+are what a kernel's arithmetic nearly always passes (checked against the originals at install): is
+a shape (a ``tl.tuple``) equal to a list of ints (``tl.tuple.__eq__`` normalises its operand into a new
+``tl.tuple`` with a new type to compare two short lists), do two blocks of the same shape need
+broadcasting (no), is a dtype equal to itself (yes), and what is a ``constexpr`` or a plain value
+unwrapped (its value, itself). Together they were a quarter of a kernel test's time.
+
+Last, it skips the integer-overflow check whose finding the interpreter never reports. Triton's front
+end redoes every int32 add, sub and mul in int64 and compares it with int32's range (eight more
+interpreted operations each: a third of what was left of a kernel test's time), then hands the
+comparison to ``device_assert``, which returns without asserting unless the options have ``debug`` on,
+and the interpreter's options never do. The check runs as before if they ever do.
 """
 
 
@@ -105,6 +118,8 @@ def install():
 
     interpreter._get_np_dtype = get_np_dtype
     _remember_shapes(tl.core)
+    _answer_quickly(tl.core, interpreter.TritonSemantic)
+    _skip_the_unreported_overflow_check(interpreter.TritonSemantic)
     interpreter._stn_triton_fast_patch = True
 
 
@@ -180,3 +195,95 @@ def _remember_shapes(core):
     assert sorted(vars(a)) == sorted(vars(b)) and sorted(vars(t)) == sorted(vars(u)), (vars(a), vars(t))
     assert [c.value for c in t.shape] == [c.value for c in u.shape] and t.numel.value == u.numel.value
     assert str(t.shape.type) == str(u.shape.type) and t.dtype == u.dtype
+
+
+def _answer_quickly(core, semantic):
+    """Fast paths for ``tl.tuple.__eq__``, ``TritonSemantic.broadcast_impl_value``, ``dtype.__eq__`` and
+    ``_unwrap_if_constexpr``; anything but the common operands goes to the originals."""
+    import builtins
+
+    constexpr, ttuple, block_type = core.constexpr, core.tuple, core.block_type
+
+    def ints(values):  # a shape's values as ints, or None
+        out = []
+        for v in values:
+            if type(v) is constexpr:
+                v = v.value
+            if type(v) is not int:
+                return None
+            out.append(v)
+        return out
+
+    tuple_eq = ttuple.__eq__
+
+    def fast_tuple_eq(self, other):
+        kind = type(other)
+        theirs = other.values if kind is ttuple else other if kind is list or kind is builtins.tuple else None
+        if theirs is not None:
+            a, b = ints(self.values), ints(theirs)
+            if a is not None and b is not None:
+                return constexpr(a == b)
+        return tuple_eq(self, other)
+
+    broadcast = semantic.broadcast_impl_value
+
+    def fast_broadcast(self, lhs, rhs):
+        lt, rt = lhs.type, rhs.type
+        if type(lt) is block_type and type(rt) is block_type:
+            a = ints(lt.shape.values)
+            if a is not None and a == ints(rt.shape.values):
+                return lhs, rhs  # the same shape: nothing to broadcast
+        return broadcast(self, lhs, rhs)
+
+    dtype_eq = core.dtype.__eq__
+
+    def fast_dtype_eq(self, other):
+        return True if other is self else dtype_eq(self, other)
+
+    unwrap = core._unwrap_if_constexpr
+    plain = set()  # types the original returns unchanged
+
+    def fast_unwrap(o):
+        kind = type(o)
+        if kind is constexpr:
+            return o.value
+        if kind in plain:
+            return o
+        if not issubclass(kind, (list, builtins.tuple, ttuple, constexpr)):
+            plain.add(kind)
+            return o
+        return unwrap(o)
+
+    ttuple.__eq__ = fast_tuple_eq
+    semantic.broadcast_impl_value = fast_broadcast
+    core.dtype.__eq__ = fast_dtype_eq
+    core._unwrap_if_constexpr = fast_unwrap
+    # the same answers as the originals give
+    shapes = [[4, 8], [4, core.constexpr(8)], (4, 8), [8, 4], [4], [], [4, 8.0], ttuple([4, 8])]
+    for s in shapes:
+        for t in shapes:
+            assert bool(fast_tuple_eq(ttuple([4, 8]), t)) == bool(tuple_eq(ttuple([4, 8]), t)), (s, t)
+    for a in (core.float32, core.int32, core.block_type(core.float32, [4])):
+        for b in (core.float32, core.int32, core.constexpr(core.float32), None):
+            assert fast_dtype_eq(core.float32, b) == dtype_eq(core.float32, b)
+            assert (a == b) == (type(a).__eq__(a, b))
+    for o in (core.constexpr(3), 3, 2.5, None, core.float32, [core.constexpr(1), 2], (core.constexpr(1), 2),
+              ttuple([core.constexpr(1), 2])):
+        got, want = fast_unwrap(o), unwrap(o)
+        assert type(got) is type(want) and (got.values == want.values if type(got) is ttuple else got == want), o
+
+
+def _skip_the_unreported_overflow_check(semantic):
+    """``binary_op_sanitize_overflow_impl`` returns at once where its ``device_assert`` would: without
+    ``debug`` in the builder's options."""
+    import inspect
+
+    original = semantic.binary_op_sanitize_overflow_impl
+
+    def sanitize(self, lhs, rhs, binary_op):
+        if not self.builder.options.debug:
+            return None  # device_assert would return here without asserting: nothing to compute
+        return original(self, lhs, rhs, binary_op)
+
+    semantic.binary_op_sanitize_overflow_impl = sanitize
+    assert "if not self.builder.options.debug:\n            return" in inspect.getsource(semantic.device_assert)

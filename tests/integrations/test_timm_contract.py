@@ -172,6 +172,7 @@ def test_factory_device_dtype_and_reset_classifier(name):
     model.reset_classifier(2)
     fc = model.get_classifier()
     assert fc.weight.device.type == "meta" and fc.weight.dtype == torch.float64 and not fc.training
+    assert model.num_classes == fc.out_features == 2 and fc.in_features == model.head_hidden_size
     assert all(not m.training for m in model.modules())
 
 
@@ -188,11 +189,12 @@ def test_forward_backward_head_and_checkpointing(reference, name):
     model = _model(name, num_classes=42)
     x = _input(model)
     want = _grads(model.train(), x)
+    assert want["loc_head.weight"].abs().sum() > 0  # the gradient reaches the localisation network
     model.eval()
     with torch.no_grad():
         logits, maps = model(x), model.forward_features(x)
         assert logits.shape == (2, 42) and torch.isfinite(logits).all()
-        assert maps.shape[:2] == (2, model.num_features)
+        assert maps.ndim == 4 and maps.shape[:2] == (2, model.num_features)  # timm's convention: unpooled maps
         assert torch.equal(model.forward_head(maps), logits)
         pre = model.forward_head(maps, pre_logits=True)
         assert pre.shape == (2, model.head_hidden_size)
