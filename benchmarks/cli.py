@@ -18,7 +18,7 @@ from . import report, sass, static
 from .cases import (CPU_DEFAULT_BATCH_SCALE, CPU_DEFAULT_CASES, DTYPES, NAMED, SAMPLINGS, canonical_dtype,
                     parse_case_spec, with_samplings)
 from .providers import PROVIDERS
-from .runner import MODE_HELP, MODES, RunConfig, run
+from .runner import MODE_HELP, MODES, RunConfig, plan, run
 
 RESULTS = "stn-bench-results"  # under the current directory (the repository commits its runs to benchmarks/results)
 PLOT_EXTRA = "pip install 'stn-triton[benchmarks]'"
@@ -156,9 +156,18 @@ def config(args, p):
             p.error(f"--case-spec: case name {c.name!r} used twice; give one a name=...")
         seen.add(c.name)
     providers = args.providers or [n for n, pr in PROVIDERS.items() if pr.cpu_default or not cpu]
-    return RunConfig(cases=cases, providers=list(dict.fromkeys(providers)), modes=steps,
-                     dtypes=list(dict.fromkeys(args.dtypes)), device=device, warmup_ms=args.warmup, rep_ms=args.rep,
-                     cuda_graphs=not args.no_cuda_graphs, progress=not args.no_progress)
+    cfg = RunConfig(cases=cases, providers=list(dict.fromkeys(providers)), modes=steps,
+                    dtypes=list(dict.fromkeys(args.dtypes)), device=device, warmup_ms=args.warmup, rep_ms=args.rep,
+                    cuda_graphs=not args.no_cuda_graphs, progress=not args.no_progress)
+    others = [n for n in cfg.providers if not PROVIDERS[n].ours]
+    if "bwd-det" in cfg.modes and others:  # the deterministic backward is this library's alone
+        ours = ", ".join(n for n in PROVIDERS if PROVIDERS[n].ours)
+        if not plan(cfg):
+            p.error(f"--modes bwd-det times this library's providers only ({ours}); with --providers "
+                    f"{' '.join(cfg.providers)} there is nothing to run (add one of them, or another mode)")
+        print(f"note: --modes bwd-det: no rows for {', '.join(others)} (the deterministic backward is timed for "
+              f"this library's providers only; their bwd rows are the baseline)", file=sys.stderr)
+    return cfg
 
 
 def main(argv=None):

@@ -3,18 +3,84 @@
 import torch
 from torch import nn
 
-from transforms_registry import TransformFamily, get_transform
+from transforms_registry import KernelForm, TransformFamily, get_transform, list_transforms
+from transforms_registry.base import FORM_METHOD, GRID_METHOD, incomplete_family
+from transforms_registry.registry import did_you_mean
 
 from . import functional as Fn
 from .kernels import forms
+
+
+class UnknownTransformError(Fn.ArgumentError, KeyError):
+    """``transform`` names no registered family: an ArgumentError, and a KeyError as the registry's
+    ``get_transform`` raises (so ``except KeyError`` written for it still catches this)."""
+
+    __str__ = BaseException.__str__  # the message as written, not KeyError's repr of it
 
 
 def _family(transform, options):
     if isinstance(transform, TransformFamily):
         if options:
             raise ValueError(f"options {sorted(options)} are for a family name; got a family instance")
-        return transform
-    return get_transform(transform, **options)
+        family = transform
+    elif isinstance(transform, str):
+        known = list_transforms()
+        if transform not in known:
+            raise UnknownTransformError(f"transform: expected the name of a registered family or a "
+                                        f"TransformFamily instance, got {transform!r}{did_you_mean(transform)}; "
+                                        f"registered: {', '.join(known)}")
+        family = get_transform(transform, **options)
+    elif isinstance(transform, type) and issubclass(transform, TransformFamily):
+        raise Fn.ArgumentTypeError(f"transform: expected the name of a registered family or a TransformFamily "
+                                   f"instance, got the class {transform.__qualname__}; pass an instance, "
+                                   f"{transform.__qualname__}(...)")
+    else:
+        raise Fn.ArgumentTypeError(f"transform: expected the name of a registered family (a str) or a "
+                                   f"TransformFamily instance, got {type(transform).__name__}")
+    incomplete = incomplete_family(type(family))
+    if incomplete:
+        raise Fn.ArgumentTypeError(f"transform: {incomplete}")
+    return family
+
+
+def _family_label(family):
+    cls = type(family).__qualname__
+    return f"family {family.name!r} ({cls})" if family.name else f"family {cls}"
+
+
+def _check_form(family, form, n, size, x):
+    """What ``family.kernel_form`` (or the ``grid`` it defaults to) gave for n sets of theta must
+    fit ``size`` and ``x``, before any sampling."""
+    nd = x.dim() - 2
+    method = FORM_METHOD if type(family).kernel_form is not TransformFamily.kernel_form else GRID_METHOD
+    who = f"transform: {_family_label(family)}: {method}"
+    if not isinstance(form, KernelForm):
+        raise Fn.ArgumentTypeError(f"{who} returned {type(form).__name__}; expected a KernelForm")
+    dims = ("Ho, Wo" if nd == 2 else "Do, Ho, Wo")
+    if form.kind == "grid":
+        what = "the sampling grid" if method == GRID_METHOD else "the sampling grid (KernelForm m, kind 'grid')"
+        want = (n, *size, nd)
+        tensors = [(what, form.m, want, f"(N, {dims}, {nd})")]
+    elif form.kind == "basis":
+        P = 1
+        for s in size:
+            P *= s
+        D = form.basis.shape[0] if isinstance(form.basis, torch.Tensor) and form.basis.dim() == 2 else "D"
+        tensors = [("KernelForm basis", form.basis, (D, P), "(D, " + dims.replace(", ", "*") + ")"),
+                   ("KernelForm m (kind 'basis')", form.m, (n, nd, D), f"(N, {nd}, D)")]
+    else:  # affine, projective (a projective form on 5-D input is refused by the caller)
+        want = (n, nd, nd + 1) if form.kind == "affine" else (n, 3, 3)
+        tensors = [(f"KernelForm m (kind {form.kind!r})", form.m, want, f"(N, {want[1]}, {want[2]})")]
+    for what, t, want, pattern in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise Fn.ArgumentTypeError(f"{who} returned {what} as {type(t).__name__}; expected a torch.Tensor")
+        if not t.is_floating_point():
+            raise Fn.ArgumentTypeError(f"{who} returned {what} of dtype {t.dtype}; expected a floating-point tensor")
+        if tuple(t.shape) != want:
+            raise Fn.ArgumentError(f"{who} returned {what} of shape {tuple(t.shape)}; expected {pattern} = "
+                                   f"({', '.join(map(str, want))}) for N = {n} (theta's rows) and size {tuple(size)}")
+        if t.device != x.device:
+            raise Fn.ArgumentError(f"{who} returned {what} on {t.device}; expected it on {x.device} (the device of x)")
 
 
 def _family_ndim(family):
@@ -57,14 +123,15 @@ def spatial_transform(x, theta, transform="affine", size=None, mode="bilinear", 
     had_k = theta.dim() == 3
     N, K = theta.shape[0], theta.shape[1] if had_k else 1
     form = family.kernel_form(theta.reshape(N * K, family.num_params), size, align_corners)
+    if isinstance(form, KernelForm) and forms.find(form.kind, nd) is None:
+        have = ", ".join(f.kind for f in forms.FORMS.values() if f.ndim == nd)
+        raise Fn.ArgumentError(f"transform: family {family.name!r} gave a {form.kind} kernel form, which has no "
+                               f"{nd}-D version; a {nd}-D family must use one of the forms {have}")
+    _check_form(family, form, N * K, size, x)
     m = form.m.reshape(N, K, *form.m.shape[1:])
     if not had_k:
         m = m[:, 0]
     opts = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
-    if forms.find(form.kind, nd) is None:
-        have = ", ".join(f.kind for f in forms.FORMS.values() if f.ndim == nd)
-        raise Fn.ArgumentError(f"transform: family {family.name!r} gave a {form.kind} kernel form, which has no "
-                               f"{nd}-D version; a {nd}-D family must use one of the forms {have}")
     if form.kind == "affine":
         return Fn.affine_sample(x, m, size, **opts)
     if form.kind == "projective":

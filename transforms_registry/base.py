@@ -52,10 +52,31 @@ def base_grid(size, align_corners, dtype=torch.float32, device=None):
     return torch.cat([xy, torch.ones_like(xy[:, :1])], dim=1).T
 
 
+GRID_METHOD = "grid(theta, size, align_corners)"
+FORM_METHOD = "kernel_form(theta, size, align_corners)"
+
+
+def _defines(cls, method):
+    """Whether ``cls`` has its own ``method`` (its own or a base class's other than TransformFamily's)."""
+    return getattr(cls, method, None) is not getattr(TransformFamily, method)
+
+
+def incomplete_family(cls):
+    """Why the family class ``cls`` cannot map theta to a grid, or None when it can: a family must
+    define ``grid`` or ``kernel_form`` (TransformFamily's defaults each call the other)."""
+    if _defines(cls, "grid") or _defines(cls, "kernel_form"):
+        return None
+    name = getattr(cls, "__qualname__", repr(cls))
+    return (f"{name} defines neither {GRID_METHOD} nor {FORM_METHOD}; a TransformFamily must define one: "
+            f"{GRID_METHOD} returning the sampling grid (N, Ho, Wo, 2) ((N, Do, Ho, Wo, 3) when ndim = 3), or "
+            f"{FORM_METHOD} returning a KernelForm")
+
+
 class TransformFamily(nn.Module):
     """Base class of every family. Subclasses set ``name`` and implement ``num_params``,
-    ``identity`` and either ``grid`` (then the explicit-grid kernel serves them) or ``kernel_form``
-    (then ``grid`` follows from it).
+    ``identity`` and either ``grid(theta, size, align_corners)`` (then the explicit-grid kernel
+    serves them) or ``kernel_form(theta, size, align_corners)`` (then ``grid`` follows from it).
+    ``register_transform`` refuses a class that defines neither.
 
     ``ndim``: 2 for a family of 2-D transforms (4-D input (N, C, H, W), ``size = (Ho, Wo)``, grids
     (N, Ho, Wo, 2)), 3 for volumetric ones (5-D input (N, C, D, H, W), ``size = (Do, Ho, Wo)``,
@@ -82,11 +103,21 @@ class TransformFamily(nn.Module):
 
     def kernel_form(self, theta, size, align_corners=False) -> KernelForm:
         """Default: the explicit grid (no fusion of grid generation)."""
+        if not _defines(type(self), "grid"):  # else grid() and kernel_form() call each other forever
+            cls = type(self).__qualname__
+            raise NotImplementedError(incomplete_family(type(self)) or (
+                f"{cls}.kernel_form calls TransformFamily.kernel_form, which wraps the grid that {GRID_METHOD} "
+                f"returns; {cls} does not define {GRID_METHOD}"))
         return KernelForm("grid", self.grid(theta, size, align_corners))
 
     def grid(self, theta, size, align_corners=False) -> torch.Tensor:
         """theta (N, num_params) -> normalised sampling grid (N, Ho, Wo, 2), pure PyTorch
         ((N, Do, Ho, Wo, 3) for a 3-D family, ``size = (Do, Ho, Wo)``)."""
+        if not _defines(type(self), "kernel_form"):  # else grid() and kernel_form() call each other forever
+            cls = type(self).__qualname__
+            raise NotImplementedError(incomplete_family(type(self)) or (
+                f"{cls}.grid calls TransformFamily.grid, which derives the grid from {FORM_METHOD}; {cls} does "
+                f"not define {FORM_METHOD}, so its {GRID_METHOD} must compute the grid itself"))
         form = self.kernel_form(theta, size, align_corners)
         N = theta.shape[0]
         nd = len(size)

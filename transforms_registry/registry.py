@@ -15,7 +15,7 @@ from importlib.metadata import entry_points
 
 import torch
 
-from .base import TransformFamily
+from .base import TransformFamily, incomplete_family
 
 ENTRY_POINT_GROUP = "stn_triton.transforms"
 _REGISTRY: dict = {}
@@ -41,6 +41,9 @@ _ENTRY_POINT_CLASH = ("rename the entry point in its distribution, uninstall one
 def _register(cls, name, override, source, resolve=_CODE_CLASH):
     if not (isinstance(cls, type) and issubclass(cls, TransformFamily)):
         raise TypeError(f"register_transform: expected a TransformFamily subclass, got {cls!r}")
+    incomplete = incomplete_family(cls)
+    if incomplete:
+        raise TypeError(f"register_transform: {incomplete}")
     if not name or not isinstance(name, str):
         raise ValueError(f"register_transform: {cls.__qualname__} needs a non-empty string `name`")
     if name in _REGISTRY and _REGISTRY[name] is not cls and not override:
@@ -85,6 +88,12 @@ def list_transforms(pattern="*"):
     return sorted((n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern)), key=_natural_key)
 
 
+def did_you_mean(name):
+    """`` (did you mean 'x'?)`` for the registered name closest to ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, list_transforms(), n=1) if isinstance(name, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def get_transform(name, **options):
     """A new instance of family ``name`` with ``options`` (constructor arguments)."""
     if isinstance(name, TransformFamily):
@@ -93,7 +102,7 @@ def get_transform(name, **options):
         return name
     load_plugins()
     if name not in _REGISTRY:
-        raise KeyError(f"unknown transform {name!r}; known: {', '.join(list_transforms())}")
+        raise KeyError(f"unknown transform {name!r}{did_you_mean(name)}; known: {', '.join(list_transforms())}")
     cls = _REGISTRY[name]
     _check_options(name, cls, options)
     return cls(**options)

@@ -11,6 +11,12 @@ depth sum against a 3-D spatial transformer (affine3d) whose output is summed be
 ``--paper`` selects the paper's sizes for a GPU run (give it MNIST with ``--data``); ``--task T
 --help`` lists the options of task T.
 
+An --out folder that already holds a run (results.json, table.md, figures/*.png or models/*.pt as
+this command writes them, of any task) is refused unless --overwrite says to delete those files (and
+no others) and start afresh. An option's value that makes no sense, a --data folder that is missing,
+lacks the IDX files or cannot be read, and a missing scikit-learn are one-line errors, all raised
+before anything trains (all but unreadable files before any data is read, or any file deleted).
+
 On a terminal it shows progress bars; otherwise (a log file, CI) it prints one line per finished
 run and no bars. The tasks other than classify train their runs several at once (``--workers``, by
 default one process per CPU thread, each with one thread: small networks use one thread far better
@@ -20,15 +26,18 @@ than two).
 import argparse
 import dataclasses
 import os
+import re
 import sys
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
 from stn_triton._cli import HelpFormatter, description
 from . import addition, colocalisation, threed
+from .data import missing_idx_files
 from .distortions import DISTORTIONS
-from .experiment import DEFAULT_LR, OPTIMIZERS, Config, run
+from .experiment import DEFAULT_LR, OPTIMIZERS, Config, DataError, run
 from .models import MODELS
 
 PAPER = dict(distortions=DISTORTIONS, models=MODELS, seeds=(0, 1, 2), epochs=60, batch_size=256, lr=1e-3)
@@ -107,11 +116,15 @@ def _shared_arguments(p, d, fields):
         help="shrink the objects by this before distorting them (default: measured from the training "
              "images, 1 unless they reach beyond the frame's inscribed circle, as Fashion-MNIST's do)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads, 1 or more (default: all cores)")
     add("--workers", type=int, default=getattr(d, "workers", 0),
         help="runs trained at once, each in its own process with its share of the threads (small networks "
              "use one thread far better than two); 0: one per thread on the CPU, 1 on a GPU")
-    add("--out", default=d.out, help="where results.json, table.md and figures/ go")
+    add("--out", default=d.out, help="where results.json, table.md and figures/ go; a folder that already holds a "
+        "run needs --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete what an earlier run wrote in OUT (results.json, table.md, figures/*.png, "
+                        "models/*.pt) and start afresh; other files there are kept")
 
 
 def parser(task="classify"):
@@ -133,13 +146,110 @@ def parser(task="classify"):
     return p
 
 
+def _as_options(message, args):
+    """A configuration's error message in the command line's terms: the fields it names that are options
+    of ``args`` become those options (``train_limit`` -> ``--train-limit``): every such name with an
+    underscore, and the plain ones only in the message's head, before its first colon."""
+    options = {name for name in vars(args) if name not in ("task", "paper", "no_progress", "overwrite")}
+
+    def flag(m):
+        return "--" + m.group(0).replace("_", "-") if m.group(0) in options else m.group(0)
+    head, colon, rest = message.partition(": ")
+    if not colon:
+        head, rest = "", message
+    word, underscored = r"(?<![\w/.-])[a-z_]+(?![\w/.-])", r"(?<![\w/.-])[a-z]+(?:_[a-z]+)+(?![\w/.-])"  # not in paths
+    return re.sub(word, flag, head) + colon + re.sub(underscored, flag, rest)
+
+
+def _listed(names, most=6):
+    """``names`` joined with commas, the first ``most`` of them and how many more."""
+    names = list(names)
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown} and {len(names) - most} more"
+
+
+_MODEL_FILE = re.compile(rf"(?:{'|'.join(map(re.escape, DISTORTIONS))})-(?:{'|'.join(map(re.escape, MODELS))})"
+                         r"-seed-?\d+\.pt")
+
+
+def run_files(out):
+    """What a run of ``stn-digits`` (of any task) wrote in the folder ``out``, as paths relative to it:
+    results.json, table.md, figures/<distortion or task>.png and models/<distortion>-<model>-seed<s>.pt
+    (``--save-models``); nothing else in it, a user's own files, is counted."""
+    out = Path(out)
+    found = [name for name in ("results.json", "table.md") if (out / name).is_file()]
+    figures = [f"{name}.png" for name in (*DISTORTIONS, *(t for t in TASKS if t != "classify"))]
+    found += [f"figures/{name}" for name in figures if (out / "figures" / name).is_file()]
+    if (out / "models").is_dir():
+        found += sorted(f"models/{p.name}" for p in (out / "models").iterdir()
+                        if p.is_file() and _MODEL_FILE.fullmatch(p.name))
+    return found
+
+
+def _check_out(out, overwrite):
+    """The files of an earlier run in ``out`` (for --overwrite to delete); SystemExit when --out is not a
+    folder, or holds a run and --overwrite was not given."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"stn-digits: --out {out}: not a folder")
+    previous = run_files(out) if out.is_dir() else []
+    if previous and not overwrite:
+        raise SystemExit(f"stn-digits: {out} already holds a run ({_listed(previous)}): pass --overwrite to delete it "
+                         "and start afresh, or another --out")
+    return previous
+
+
+def _delete(out, previous):
+    """--overwrite: the earlier run's files deleted, and figures/ and models/ too if that leaves them empty."""
+    out = Path(out)
+    for name in previous:
+        (out / name).unlink(missing_ok=True)
+    for sub in ("figures", "models"):
+        if (out / sub).is_dir() and not any((out / sub).iterdir()):
+            (out / sub).rmdir()
+    print(f"--overwrite: deleted the previous run's {_listed(previous)} in {out}", file=sys.stderr)
+
+
+def _check_data(data):
+    """SystemExit unless ``data`` can be read: scikit-learn installed for 'digits', else a folder with the
+    four MNIST-format IDX files (their contents are checked as they are read)."""
+    expected = "expected 'digits', scikit-learn's bundled digits, or a folder of MNIST-format IDX files"
+    if data == "digits":
+        try:
+            import sklearn.datasets  # noqa: F401
+        except ModuleNotFoundError as e:
+            if (e.name or "sklearn").split(".")[0] != "sklearn":
+                raise SystemExit(f"stn-digits: --data digits: scikit-learn does not import ({e}): reinstall it: "
+                                 "pip install 'stn-triton[digits]'") from None
+            raise SystemExit("stn-digits: --data digits (scikit-learn's bundled digits, the default) needs "
+                             "scikit-learn: pip install 'stn-triton[digits]', or pass --data a folder of "
+                             "MNIST-format IDX files") from None
+        except ImportError as e:
+            raise SystemExit(f"stn-digits: --data digits: scikit-learn does not import ({e}): reinstall it: "
+                             "pip install 'stn-triton[digits]'") from None
+        return
+    root = Path(data)
+    if not root.exists():
+        raise SystemExit(f"stn-digits: --data {data}: no such folder ({expected})")
+    if not root.is_dir():
+        raise SystemExit(f"stn-digits: --data {data}: not a folder ({expected})")
+    missing = missing_idx_files(root)
+    if missing:
+        raise SystemExit(f"stn-digits: --data {data}: no {', '.join(m + '[.gz]' for m in missing)} in it ({expected})")
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", default="classify")
     task = pre.parse_known_args(argv)[0].task
-    args = parser(task if task in TASKS else "classify").parse_args(argv)  # a bad --task: argparse says so
+    p = parser(task if task in TASKS else "classify")
+    args = p.parse_args(argv)  # a bad --task: argparse says so
     t = TASKS[args.task]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads: expected a number of CPU threads, 1 or more (this machine has {cpus}), got "
+                f"{args.threads}")
     given = {a.split("=", 1)[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(t.config) if f.name in vars(args)}
     kw["progress"] = not args.no_progress
@@ -155,17 +265,29 @@ def main(argv=None):
                   file=sys.stderr)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: no CUDA GPU is available")
     kw["device"] = device
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif device == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                  else os.cpu_count() or 1))
     try:
         cfg = t.config(**kw)
     except ValueError as e:
-        raise SystemExit(f"stn-digits: {e}") from None
-    t.run(cfg)
+        p.error(_as_options(str(e), args))
+    # Everything below is checked before any data is read or anything trains: a mistyped option or a
+    # missing folder costs nothing, not even the previous run under --overwrite.
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"stn-digits: --device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"stn-digits: --device {device}: no CUDA GPU is available")
+    previous = _check_out(cfg.out, args.overwrite)
+    _check_data(cfg.data)
+    if previous:
+        _delete(cfg.out, previous)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif device == "cpu":
+        torch.set_num_threads(cpus)
+    try:
+        t.run(cfg)
+    except DataError as e:
+        raise SystemExit(f"stn-digits: {_as_options(str(e), args)}") from None
     return 0

@@ -24,6 +24,7 @@ Scored on the test images of each class: the share whose crop overlaps the digit
 0.5, against random windows of the same size (the mean share over ``random_draws`` draws per image).
 """
 
+import math
 import statistics
 from dataclasses import dataclass, replace
 
@@ -36,8 +37,8 @@ from transforms_registry import KernelForm, TransformFamily
 
 from .data import FRAME
 from .distortions import distort
-from .experiment import (Session, TaskConfig, _gen, _mean_sd, _print, _seed, curriculum_angle, draw_figure, evaluate,
-                         fit, run_jobs, task_data)
+from .experiment import (DataError, Session, TaskConfig, _gen, _mean_sd, _print, _seed, check_distinct,
+                         curriculum_angle, draw_figure, evaluate, fit, run_jobs, task_data)
 from .models import cnn, count_parameters, localization
 
 CLASSES = tuple(range(10))
@@ -67,20 +68,24 @@ class ColocalisationConfig(TaskConfig):
     figure_count: int = 8
 
     def __post_init__(self):
-        self.classes = tuple(int(c) for c in self.classes)
-        if not self.classes:
-            raise ValueError("classes: needs at least one entry")
+        self.classes = check_distinct("classes", (int(c) for c in self.classes))
+        if min(self.classes) < 0:
+            raise ValueError(f"classes: expected digit classes (0 and up), got {min(self.classes)}")
         super().__post_init__()
         for name in ("canvas", "window", "repeats", "encoder_epochs", "random_draws"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if not isinstance(self.clutter, int) or self.clutter < 0:
+            raise ValueError(f"clutter: expected a number of pieces >= 0, got {self.clutter!r}")
         if self.canvas < FRAME or not 0 < self.window < self.canvas:
             raise ValueError(f"canvas and window: expected a canvas of at least {FRAME} px and a window smaller than "
                              f"it, got {self.canvas} and {self.window}")
         if not isinstance(self.curriculum, int) or self.curriculum < 0:
             raise ValueError(f"curriculum: expected a number of epochs >= 0, got {self.curriculum!r}")
-        if not self.margin > 0:
+        if not (self.margin > 0 and math.isfinite(self.margin)):
             raise ValueError(f"margin: expected a positive number, got {self.margin!r}")
+        if not 0 <= self.encoder_jitter < math.inf:
+            raise ValueError(f"encoder_jitter: expected px >= 0, got {self.encoder_jitter!r}")
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -409,11 +414,24 @@ def _class_job(cfg, job, bar=None):
     return r, rows, fig
 
 
+def check_classes(cfg, digits):
+    """Raise :class:`DataError` unless each of ``cfg.classes`` has training and test images in ``digits``
+    (each transformer trains on its class's training images and is scored on its test images)."""
+    for split, labels, limit in (("training", digits.train_y, "train_limit"), ("test", digits.test_y, "test_limit")):
+        absent = [c for c in cfg.classes if not bool((labels == c).any())]
+        if absent:
+            held = f" (the first {getattr(cfg, limit)}, {limit})" if getattr(cfg, limit) is not None else ""
+            raise DataError(f"classes: no {split} images of digit{'s' * (len(absent) > 1)} "
+                            f"{', '.join(map(str, absent))} among the "
+                            f"{len(labels)} {split} images of {digits.name}{held}")
+
+
 def run(cfg, log=_print):
     """Run the co-localisation task of ``cfg``; write results.json, table.md and
     figures/colocalisation.png under ``cfg.out``; return the results dict. The encoders, then the
     transformers, are trained ``cfg.workers`` at once."""
     session = Session.start(cfg, log)
+    check_classes(cfg, session.digits)
     session.open_bar(len(cfg.seeds) * (cfg.encoder_epochs + len(cfg.classes) * cfg.epochs))
     session.describe("colocalisation: encoders")
     enc = run_jobs(_encoder_job, [(s,) for s in cfg.seeds], cfg, session.bar, lambda job: cfg.encoder_epochs)

@@ -130,11 +130,27 @@ def read_idx(path, limit=None):
     return np.frombuffer(body, dtype=dtype).reshape((keep, *shape[1:])).astype(dtype.newbyteorder("="))
 
 
+# the files of an MNIST-format folder (each may also be gzipped, and named with .idx for -idx)
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
 def _find(root, stem):
     for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
         if (root / name).exists():
             return root / name
     raise FileNotFoundError(f"IDX folder {root}: no {stem}[.gz] in it")
+
+
+def missing_idx_files(root):
+    """Which of :data:`IDX_FILES` the folder ``root`` lacks (in any of their spellings), without reading
+    any of them."""
+    missing = []
+    for stem in IDX_FILES:
+        try:
+            _find(Path(root), stem)
+        except FileNotFoundError:
+            missing.append(stem)
+    return missing
 
 
 def _to_frame(images, name):

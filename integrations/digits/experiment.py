@@ -15,6 +15,7 @@ compares the rotation each affine transformer undoes with the rotation the disto
 
 import copy
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -71,9 +72,7 @@ class TrainConfig:
     progress: bool = True  # progress bars, on a terminal only
 
     def __post_init__(self):
-        self.seeds = tuple(self.seeds)
-        if not self.seeds:
-            raise ValueError("seeds: needs at least one entry")
+        self.seeds = check_distinct("seeds", self.seeds)
         for name in ("epochs", "batch_size", "st_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
@@ -81,17 +80,33 @@ class TrainConfig:
             raise ValueError(f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.optimizer]
-        if not (self.lr > 0 and self.localization_lr_scale > 0):
-            raise ValueError(f"lr and localization_lr_scale: expected positive numbers, got {self.lr}, "
-                             f"{self.localization_lr_scale}")
+        for name in ("lr", "localization_lr_scale"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction: expected a number in [0, 1), got {self.val_fraction!r}")
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None and (not isinstance(getattr(self, name), int)
+                                                    or getattr(self, name) < 1):
+                raise ValueError(f"{name}: expected a positive number of images, got {getattr(self, name)!r}")
+        if self.train_limit is not None and self.val_fraction > 0 and not _splits(self.train_limit, self.val_fraction):
+            f = self.val_fraction  # at least one image each side: n f > 1/2 and n (1 - f) > 1/2, about
+            least = next(n for n in itertools.count(max(1, int(0.5 / f) - 2, int(0.5 / (1 - f)) - 2)) if _splits(n, f))
+            raise ValueError(f"train_limit {self.train_limit}: too few images to hold out val_fraction "
+                             f"{self.val_fraction:g} for validation and keep some for training; expected at least "
+                             f"{least}, or val_fraction 0")
         if self.keep not in ("last", "best"):
             raise ValueError(f"keep: expected 'last' or 'best', got {self.keep!r}")
         if self.keep == "best" and self.val_fraction == 0:
-            raise ValueError("keep='best' chooses on the validation split: give val_fraction > 0")
+            raise ValueError("keep: 'best' chooses on the validation split: give val_fraction > 0")
         if self.object_scale is not None and not 0 < self.object_scale <= 1:
             raise ValueError(f"object_scale: expected a number in (0, 1], got {self.object_scale!r}")
+
+
+def _splits(n, fraction):
+    """Whether ``n`` training images hold out ``fraction`` for validation (as :meth:`data.Digits.hold_out`
+    does) with at least one image on each side."""
+    return 0 < int(round(n * fraction)) < n
 
 
 @dataclass
@@ -112,15 +127,25 @@ class TaskConfig(TrainConfig):
                              f"got {self.workers!r}")
 
 
+def check_distinct(name, given):
+    """``given`` as a tuple of at least one entry, none of them twice (else ValueError)."""
+    given = tuple(given)
+    if not given:
+        raise ValueError(f"{name}: needs at least one entry")
+    for i, g in enumerate(given):
+        if g in given[:i]:
+            raise ValueError(f"{name}: {g} given twice")
+    return given
+
+
 def check_choices(name, given, allowed):
-    """``given`` as a tuple, each of its entries one of ``allowed`` and at least one (else ValueError)."""
+    """``given`` as a tuple, each of its entries one of ``allowed``, at least one and none twice (else
+    ValueError)."""
     given = tuple(given)
     for g in given:
         if g not in allowed:
             raise ValueError(f"{name}: expected some of {', '.join(allowed)}, got {g!r}")
-    if not given:
-        raise ValueError(f"{name}: needs at least one entry")
-    return given
+    return check_distinct(name, given)
 
 
 def curriculum_angle(full, epoch, curriculum):
@@ -187,6 +212,24 @@ def _interpolate(knots, epoch):
             return v0 + (v1 - v0) * (epoch - e0) / (e1 - e0)
         e0, v0 = e1, v1
     return v0
+
+
+class DataError(ValueError):
+    """The data of a configuration cannot be read, or does not fit its options (a split left empty, a
+    class it does not have); the message names the option (as its configuration field) or the file."""
+
+
+def checked_data(cfg):
+    """:func:`load_data`, with what goes wrong while reading and splitting the data, and a split left
+    without images, raised as :class:`DataError`."""
+    try:
+        digits, objects = load_data(cfg)
+    except (OSError, ValueError) as e:
+        raise DataError(f"data {cfg.data}: {e}") from e
+    for split, labels in (("training", digits.train_y), ("test", digits.test_y)):
+        if not len(labels):
+            raise DataError(f"data {cfg.data}: no {split} images")
+    return digits, objects
 
 
 def load_data(cfg):
@@ -695,11 +738,11 @@ class Session:
 
     @classmethod
     def start(cls, cfg, log=_print):
+        started = time.perf_counter()
+        digits, objects = checked_data(cfg)
         out = Path(cfg.out)
         (out / "figures").mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
         code = code_version()
-        digits, objects = load_data(cfg)
         _DATA[_data_key(cfg)] = digits
         n_val = 0 if digits.val_y is None else len(digits.val_y)
         log(f"data: {digits.name}, {len(digits.train_y)} train / {n_val} validation / {len(digits.test_y)} test "

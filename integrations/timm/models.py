@@ -70,7 +70,7 @@ from timm.models import (build_model_with_cfg, generate_default_cfgs, group_para
 from torch import nn
 
 import stn_triton as st
-from transforms_registry import get_transform
+from stn_triton.modules import _family
 from transforms_registry.families.affine import Affine, Attention
 from transforms_registry.families.projective import Projective
 
@@ -381,7 +381,7 @@ class ParallelSTNet(nn.Module):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive int, got {v!r}")
         dd = dict(device=device, dtype=dtype)
-        self.family = get_transform(transform, **(transform_options or {}))
+        self.family = _family(transform, dict(transform_options or {}))  # names `transform` when unknown
         P = self.family.num_params
         if fixed_params == "default":
             fixed_params = {0: 0.5} if self.family.name == "attention" else {}

@@ -39,7 +39,6 @@ import warnings
 import zipfile
 from pathlib import Path
 
-import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -51,7 +50,6 @@ from tqdm.auto import tqdm
 
 from stn_triton._cli import HelpFormatter
 
-from . import models as _models  # noqa: F401  (registers the models with timm)
 from .cub import CUB200, cub_transforms
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -70,7 +68,9 @@ examples:
   stn-train-cub --data ... --out runs/cub --resume --epochs 40   extend that run to 40 epochs
 
 OUT receives last.pt (the checkpoint, rewritten after every epoch), metrics.jsonl (one line per
-epoch, counted from 1) and attention.png (the learnt attention boxes on validation images)."""
+epoch, counted from 1) and attention.png (the learnt attention boxes on validation images).
+
+It needs timm: pip install 'stn-triton[timm]'."""
 
 # what a run writes into OUT (``last.pt.tmp`` only for an instant, or after a crash while saving)
 RUN_FILES = ("last.pt", "metrics.jsonl", "attention.png", "last.pt.tmp")
@@ -348,6 +348,22 @@ def evaluate(model, loader, device, amp):
     return 100.0 * correct[0].item() / max(correct[1].item(), 1)
 
 
+def _import_timm():
+    """timm, with this library's models registered with it; imported only once the arguments are parsed,
+    so that --help works without it. Without timm (or with one that does not import), SystemExit saying
+    what to install."""
+    try:
+        import timm
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and (e.name or "timm").split(".")[0] == "timm":
+            raise SystemExit("stn-train-cub: needs timm, which is not installed: pip install 'stn-triton[timm]'") \
+                from None
+        raise SystemExit(f"stn-train-cub: timm does not import ({type(e).__name__}: {e}): reinstall it: "
+                         "pip install 'stn-triton[timm]'") from None
+    from . import models  # noqa: F401  (registers the models with timm)
+    return timm
+
+
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
@@ -355,6 +371,7 @@ def main(argv=None):
         p.error(f"--epochs: expected a positive number, got {args.epochs}")
     if args.stop_after is not None and args.stop_after < 1:
         p.error(f"--stop-after: expected a positive number, got {args.stop_after}")
+    timm = _import_timm()
     if not timm.is_model(args.model):
         close = difflib.get_close_matches(args.model, timm.list_models(), n=3)
         p.error(f"--model: timm has no model {args.model!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
@@ -366,6 +383,7 @@ def main(argv=None):
 
 
 def _train(args, defaults):
+    timm = _import_timm()
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if args.device == "auto":

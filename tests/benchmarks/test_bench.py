@@ -92,7 +92,9 @@ def test_bad_case_spec(spec, words, capsys):
     (["--rep", "0"], ["--rep", "positive"]),
     (["--device", "tpu"], ["--device", "'tpu'"]),
     (["--case-spec", TINY, "--case-spec", TINY], ["used twice"]),
-], ids=["provider", "case", "mode", "dtype", "rep", "device", "duplicate-case"])
+    (["--case-spec", TINY, "--providers", "eager", "kornia", "--modes", "bwd-det"],
+     ["--modes bwd-det", "this library's providers only", "ours-affine", "--providers eager kornia", "nothing to run"]),
+], ids=["provider", "case", "mode", "dtype", "rep", "device", "duplicate-case", "det-without-ours"])
 def test_bad_arguments(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
@@ -100,6 +102,15 @@ def test_bad_arguments(argv, words, capsys):
     err = capsys.readouterr().err
     for w in words:
         assert w in err
+
+
+def test_deterministic_backward_rows_are_ours_and_the_run_says_so(capsys):
+    p = cli.parser()
+    cfg = cli.config(p.parse_args(["--case-spec", TINY, "--providers", "eager", "ours-affine", "--modes", "bwd",
+                                   "bwd-det"]), p)
+    assert {(name, mode) for _, _, name, mode in runner.plan(cfg)} == {
+        ("eager", "bwd"), ("ours-affine", "bwd"), ("ours-affine", "bwd-det")}
+    assert "no rows for eager" in capsys.readouterr().err
 
 
 def test_list(capsys):

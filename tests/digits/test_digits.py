@@ -241,8 +241,10 @@ def test_cli(reference, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--distortions", "Q"])
     assert "invalid choice: 'Q'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="stn-digits: epochs: expected a positive int, got -1"):
+    with pytest.raises(SystemExit) as e:  # an option's value: argparse's error (usage, the message, status 2)
         main(["--epochs", "-1", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2
+    assert "stn-digits: error: --epochs: expected a positive int, got -1" in capsys.readouterr().err
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="--device cuda: no CUDA GPU is available"):
             main(["--device", "cuda"])

@@ -210,8 +210,9 @@ def test_cli_3d(tmp_path, capsys):
     assert saved["config"]["repeats"] == 0 and saved["config"]["workers"] == 2
     assert [r["model"] for r in saved["results"]] == ["CNN", "ST-CNN-3d"]
     assert (tmp_path / "t" / "figures" / "3d.png").exists()
-    with pytest.raises(SystemExit, match="stn-digits: scale: expected at most"):
+    with pytest.raises(SystemExit) as e:
         main(["--task", "3d", "--scale", "0.5", "0.95", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "stn-digits: error: --scale: expected at most" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # an option of another task
         main(["--task", "3d", "--distortions", "R"])
     assert "unrecognized arguments: --distortions" in capsys.readouterr().err

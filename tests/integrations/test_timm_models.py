@@ -11,6 +11,7 @@ import timm.optim
 import torch
 from timm.models import group_parameters
 
+import stn_triton as st
 import stn_triton.integrations.timm  # noqa: F401  (registers the models)
 from stn_triton.integrations.timm import CUB200, ParallelSTNet, STMultiNet, cub_transforms, region_centres
 
@@ -358,6 +359,12 @@ def test_cub_bad_metadata(tmp_path, file, edit, error, match):
     _edit(root / file, edit)
     with pytest.raises(error, match=match):
         CUB200(root, "train")
+
+
+def test_misspelt_family_names_the_transform_argument():
+    with pytest.raises(st.ArgumentError, match=r"transform: .*'afine' \(did you mean 'affine'\?\)") as e:
+        ParallelSTNet(backbone="mobilenetv3_small_100", transform="afine")
+    assert isinstance(e.value, KeyError)  # what get_transform raised before, for code that catches that
 
 
 def test_cub_missing_files(tmp_path):

@@ -91,7 +91,7 @@ def test_plugin_family_works_end_to_end(plugin_dist, device):
 
 BROKEN_MODULE = '''
 import torch
-from transforms_registry import TransformFamily
+from transforms_registry import KernelForm, TransformFamily
 
 NOT_A_FAMILY = object()
 
@@ -103,8 +103,23 @@ class Shadow(TransformFamily):
     def identity(self):
         return torch.zeros(6)
 
+    def kernel_form(self, theta, size, align_corners=False):
+        return KernelForm("affine", theta.reshape(-1, 2, 3))
+
 
 class Fine(TransformFamily):
+    num_params = 2
+
+    def identity(self):
+        return torch.zeros(2)
+
+    def kernel_form(self, theta, size, align_corners=False):
+        one, zero = torch.ones_like(theta[:, 0]), torch.zeros_like(theta[:, 0])
+        return KernelForm("affine", torch.stack([one, zero, theta[:, 0], zero, one, theta[:, 1]], 1).view(-1, 2, 3))
+
+
+class Incomplete(TransformFamily):
+    """Neither grid() nor kernel_form(): TransformFamily's defaults would call each other forever."""
     num_params = 2
 
     def identity(self):
@@ -117,6 +132,7 @@ missing = no_such_module_for_stn_tests:Thing
 not_a_family = broken_stn_plugins:NOT_A_FAMILY
 affine = broken_stn_plugins:Shadow
 fine = broken_stn_plugins:Fine
+incomplete = broken_stn_plugins:Incomplete
 """
 
 
@@ -152,12 +168,14 @@ def test_broken_plugins_warn_once_each_and_are_skipped(plugin_dist, broken_plugi
     got = _run(LOOKUP_WITH_WARNINGS, broken_plugins)
     assert got["names"] == got["again"]
     assert "fine" in got["names"] and "similarity" in got["names"] and got["similarity"]  # the rest keep working
-    assert "missing" not in got["names"] and "not_a_family" not in got["names"]
+    assert "missing" not in got["names"] and "not_a_family" not in got["names"] and "incomplete" not in got["names"]
     assert got["affine"] == "transforms_registry.families.affine"  # the conflicting plugin did not replace it
     warned = got["warnings"]
-    assert len(warned) == 3, warned
+    assert len(warned) == 4, warned
     for ep, why in [("missing", "ModuleNotFoundError"), ("not_a_family", "not a TransformFamily subclass"),
-                    ("affine", "'affine' is already registered")]:
+                    ("affine", "'affine' is already registered"),
+                    ("incomplete", "TypeError: register_transform: Incomplete defines neither grid(theta, size, "
+                                   "align_corners) nor kernel_form(theta, size, align_corners)")]:
         (w,) = [w for w in warned if f"entry point {ep!r}" in w]
         assert "distribution 'broken-stn-plugins'" in w and why in w, w
     (clash,) = [w for w in warned if "entry point 'affine'" in w]
@@ -175,6 +193,11 @@ def test_opt_out_variable(plugin_dist, broken_plugins):
 
 
 def test_unknown_name_lists_plugins_too(plugin_dist):
-    with pytest.raises(KeyError, match=r"unknown transform 'simlarity'; known: affine, .*projective, similarity"):
+    with pytest.raises(KeyError, match=r"unknown transform 'simlarity' \(did you mean 'similarity'\?\); known: "
+                                       r"affine, .*projective, similarity"):
         get_transform("simlarity")
+    with pytest.raises(st.ArgumentError, match=r"transform: expected the name of a registered family or a "
+                                               r"TransformFamily instance, got 'simlarity' \(did you mean "
+                                               r"'similarity'\?\); registered: affine, .*projective, similarity"):
+        st.spatial_transform(torch.randn(1, 1, 4, 4), torch.zeros(1, 4), "simlarity")
     assert list_transforms("[st]*") == ["similarity", "tps"]
