@@ -241,3 +241,73 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     grid = grid if had_k else grid.unsqueeze(1)
     size = [int(s) for s in grid.shape[2:2 + nd]]
     return _run(forms.find("grid", nd).name, x, (grid,), size, mode, padding_mode, align_corners, had_k)
+
+
+FLOW_LAYOUTS = ("channels_first", "grid")
+FLOW_UNITS = ("pixels", "normalized")
+
+
+def flow_sample(input, flow, mode="bilinear", padding_mode="zeros", align_corners=False, layout="channels_first",
+                units="pixels"):
+    """Warp ``input`` by a dense displacement field: output pixel p samples the input at p + u(p), the
+    warp of image registration (VoxelMorph's and MONAI's layers; PyTorch's ``base grid + u`` then
+    ``grid_sample``), fused: the field is read at each output pixel, no sampling grid is made.
+
+    ``flow``: one vector per output pixel, its spatial size the output's; K fields per input give
+    (N, K, C, ...).
+
+    - ``layout="channels_first"``: (N, [K,] 2, Ho, Wo) on 4-D input, (N, [K,] 3, Do, Ho, Wo) on 5-D, as a
+      convolution outputs it; ``layout="grid"``: (N, [K,] Ho, Wo, 2) / (N, [K,] Do, Ho, Wo, 3), as
+      ``grid_sample``'s grid. Either is read in place, whatever its strides.
+    - ``units="pixels"``: displacements in input pixels, in index order ((dy, dx); 3-D (dz, dy, dx)):
+      VoxelMorph's and MONAI's convention (with ``align_corners=True``, theirs, the results are
+      theirs). Such a field is converted to normalised units in PyTorch first (a field-sized tensor;
+      not yet fused); ``units="normalized"``: ``grid_sample``'s units and (x, y[, z]) order, read as it
+      is (nothing converted, nothing copied).
+
+    Gradients flow to ``input`` and to ``flow`` (per pixel), forward and backward fused; every mode
+    (``"bicubic"`` on 5-D input is tricubic), padding and ``align_corners``; a deterministic backward
+    under ``torch.use_deterministic_algorithms(True)``.
+    """
+    x = input
+    nd = _check_input_nd(x, "input")
+    align_corners = _check_options_nd(nd, mode, padding_mode, align_corners, "input")
+    if layout not in FLOW_LAYOUTS:
+        raise ArgumentError(f"layout: expected one of {FLOW_LAYOUTS}, got {layout!r}")
+    if units not in FLOW_UNITS:
+        raise ArgumentError(f"units: expected one of {FLOW_UNITS}, got {units!r}")
+    _check_tensor("flow", flow)
+    if flow.device != x.device:
+        raise ArgumentError(f"flow: expected a tensor on {x.device} (the device of input), got {flow.device}")
+    sp = "Ho, Wo" if nd == 2 else "Do, Ho, Wo"
+    if layout == "channels_first":
+        expected = f"(N, {nd}, {sp}) or (N, K, {nd}, {sp})"
+        had_k = flow.dim() == nd + 3
+        ok = flow.dim() in (nd + 2, nd + 3) and flow.shape[-nd - 1] == nd
+        other = flow.dim() in (nd + 2, nd + 3) and flow.shape[-1] == nd
+        hint = "; that is the grid layout: pass layout='grid'" if other and not ok else ""
+    else:
+        expected = f"(N, {sp}, {nd}) or (N, K, {sp}, {nd})"
+        had_k = flow.dim() == nd + 3
+        ok = flow.dim() in (nd + 2, nd + 3) and flow.shape[-1] == nd
+        other = flow.dim() in (nd + 2, nd + 3) and flow.shape[-nd - 1] == nd
+        hint = "; that is the channels-first layout: pass layout='channels_first'" if other and not ok else ""
+    if not ok:
+        what = "a 5-D input" if nd == 3 else "a 4-D input"
+        raise ArgumentError(f"flow: expected shape {expected} for {what} with layout={layout!r}, got "
+                            f"{tuple(flow.shape)}{hint}")
+    if flow.shape[0] != x.shape[0]:
+        raise ArgumentError(f"flow: batch size {flow.shape[0]} does not match the batch size of input, {x.shape[0]}")
+    u = flow if had_k else flow.unsqueeze(1)
+    if layout == "channels_first":
+        u = u.movedim(2, -1)  # a view: (N, K, *size, nd), components strided apart
+    if units == "pixels":
+        sizes = x.shape[2:]  # index order: (H, W) or (D, H, W)
+        if align_corners and min(sizes) == 1:
+            raise ArgumentError(f"units: with align_corners=True an input axis of size 1 has no pixel scale "
+                                f"(input shape {tuple(x.shape)}); pass units='normalized'")
+        scale = [2.0 / (s - 1) if align_corners else 2.0 / s for s in sizes]
+        # index order -> (x, y[, z]) order, pixels -> grid_sample's units: one elementwise pass
+        u = u.flip(-1) * torch.tensor(scale[::-1], dtype=u.dtype, device=u.device)
+    size = [int(s) for s in u.shape[2:2 + nd]]
+    return _run(forms.find("flow", nd).name, x, (u,), size, mode, padding_mode, align_corners, had_k)

@@ -14,6 +14,8 @@ op                     parameters                                   gradients
 ``affine3d_sample``    ``theta (N, K, 3, 4)``                       x, theta
 ``basis3d_sample``     ``m (N, K, 3, D)``, ``basis (D, Do*Ho*Wo)``  x, m, basis
 ``grid3d_sample``      ``grid (N, K, Do, Ho, Wo, 3)``               x, grid
+``flow_sample``        ``flow (N, K, Ho, Wo, 2)``: base grid + flow  x, flow
+``flow3d_sample``      ``flow (N, K, Do, Ho, Wo, 3)``               x, flow
 =====================  ===========================================  =========================
 
 The 3-D ops take a 5-D input ``x (N, C, D, H, W)``, ``size = [Do, Ho, Wo]``, and return
@@ -243,3 +245,5 @@ grid_sample, grid_sample_backward = OPS["grid"]
 affine3d_sample, affine3d_sample_backward = OPS["affine3d"]
 basis3d_sample, basis3d_sample_backward = OPS["basis3d"]
 grid3d_sample, grid3d_sample_backward = OPS["grid3d"]
+flow_sample, flow_sample_backward = OPS["flow"]
+flow3d_sample, flow3d_sample_backward = OPS["flow3d"]

@@ -79,8 +79,21 @@ def _volumetric(scope):
     torch.testing.assert_close(scope["out"], identity, rtol=1e-5, atol=1e-5)
 
 
+def _displacement(scope):
+    import torch.nn.functional as F
+
+    moving, flow = scope["moving"], scope["flow"].detach()
+    assert scope["moved"].shape == moving.shape and scope["flow"].grad.shape == flow.shape
+    # the voxel grid plus the flow, rescaled to [-1, 1] (align_corners=True), in (x, y, z) order
+    size = moving.shape[2:]
+    loc = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=flow.dtype) for s in size], indexing="ij"))[None] + flow
+    loc = torch.stack([2 * loc[:, i] / (s - 1) - 1 for i, s in enumerate(size)], -1).flip(-1)
+    expected = F.grid_sample(moving, loc, align_corners=True)
+    torch.testing.assert_close(scope["moved"].detach(), expected, rtol=1e-4, atol=1e-4)  # float32, another order
+
+
 CHECKS = {"Reuse what was learnt": _reuse, "The functions": _functions, "Volumetric (5-D) transformers": _volumetric,
-          "Transformation families": _families,
+          "Displacement fields (image registration)": _displacement, "Transformation families": _families,
           "Write your own transform": _own_transform, "timm: the CUB-200-2011 part-attention model": _timm}
 SETUP = {"Reuse what was learnt": _saved_digits_model}
 

@@ -27,6 +27,7 @@ from typing import Callable
 
 from .affine import affine_coords, affine_grid, affine_terms
 from .basis import basis_coords, basis_grid, basis_terms
+from .flow import flow_coords, flow_grid
 from .grid import explicit_grid, grid_coords, no_terms
 from .projective import projective_coords, projective_grid, projective_terms
 
@@ -47,7 +48,8 @@ class Form:
 
     @property
     def kind(self):
-        """The form without its dimension: affine, projective, basis or grid (a family's kernel_form kind)."""
+        """The form without its dimension: affine, projective, basis, grid (a family's kernel_form kind) or
+        flow."""
         return self.name[:-2] if self.name.endswith("3d") else self.name
 
     @property
@@ -61,9 +63,11 @@ FORMS = {f.name: f for f in (
     Form("projective", 2, ("h",), 3, 3, projective_coords, projective_terms, 16, projective_grid),
     Form("basis", 2, ("m", "basis"), 2, 0, basis_coords, basis_terms, 0, basis_grid, basis=True),
     Form("grid", 2, ("grid",), 0, 0, grid_coords, no_terms, 0, explicit_grid, per_pixel=True),
+    Form("flow", 2, ("flow",), 0, 0, flow_coords, no_terms, 0, flow_grid, per_pixel=True),
     Form("affine3d", 3, ("theta",), 3, 4, affine_coords, affine_terms, 16, affine_grid),
     Form("basis3d", 3, ("m", "basis"), 3, 0, basis_coords, basis_terms, 0, basis_grid, basis=True),
     Form("grid3d", 3, ("grid",), 0, 0, grid_coords, no_terms, 0, explicit_grid, per_pixel=True),
+    Form("flow3d", 3, ("flow",), 0, 0, flow_coords, no_terms, 0, flow_grid, per_pixel=True),
 )}
 
 

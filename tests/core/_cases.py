@@ -10,8 +10,10 @@ import stn_triton as st
 from stn_triton import reference
 from stn_triton.kernels.forms import FORMS as TABLE
 
-FORMS = tuple(name for name, f in TABLE.items() if f.ndim == 2)  # affine, projective, basis, grid
-FORMS3 = tuple(name for name, f in TABLE.items() if f.ndim == 3)  # affine3d, basis3d, grid3d
+# the displacement-field forms (flow, flow3d) are the grid forms' kernels with the base grid added to
+# the coordinate: tests/core/test_flow.py checks them in a matrix of their own, not in every one here
+FORMS = tuple(name for name, f in TABLE.items() if f.ndim == 2 and f.kind != "flow")  # affine, projective, basis, grid
+FORMS3 = tuple(name for name, f in TABLE.items() if f.ndim == 3 and f.kind != "flow")  # affine3d, basis3d, grid3d
 MODES = ("bilinear", "nearest")
 PADDINGS = ("zeros", "border", "reflection")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -77,6 +79,8 @@ def make_params(form, N, K, size, align_corners, dtype, device, gen, spread=1.0)
         m = torch.cat([theta, (0.5 if n == 2 else 0.4) * rnd(N, K, n, D - n - 1)], dim=3)
         return (m.to(device=device, dtype=torch.float32), basis.to(device=device, dtype=torch.float32))
     grid = torch.einsum("nkcj,jp->nkpc", theta, base).reshape(N, K, *size, n)
+    if kind == "flow":  # the displacement from the identity grid to that one
+        grid = grid - base[:n].T.reshape(*size, n)
     return (grid.to(device=device, dtype=dtype),)
 
 
@@ -89,6 +93,8 @@ def run(form, x, params, size, **opts):
         return st.projective_sample(x, params[0], size, **opts)
     if kind == "basis":
         return st.basis_sample(x, params[0], params[1], size, **opts)
+    if kind == "flow":
+        return st.flow_sample(x, params[0], layout="grid", units="normalized", **opts)
     return st.grid_sample(x, params[0], **opts)
 
 
@@ -167,6 +173,9 @@ def pytorch(form, x, params, size, mode, padding_mode, align_corners):
         grid = torch.einsum("nkcd,dp->nkpc", p[0], p[1]).reshape(N * K, *size, n)
     elif kind == "grid":
         grid = p[0].reshape(N * K, *size, n)
+    elif kind == "flow":  # PyTorch's identity grid plus the field
+        eye = torch.eye(n, n + 1, dtype=torch.float64)[None].expand(N * K, n, n + 1)
+        grid = F.affine_grid(eye, (N * K, 1, *size), align_corners=align_corners) + p[0].reshape(N * K, *size, n)
     else:
         raise ValueError(f"PyTorch has no {form} grid")
     out = F.grid_sample(xs, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
