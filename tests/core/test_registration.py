@@ -1,0 +1,115 @@
+"""The registration helpers (stn_triton.registration), kernels running, against VoxelMorph's layers as its
+source defines them (``SpatialTransformer``: voxel grid plus flow, rescaled, ``grid_sample`` with
+align_corners=True; ``VecInt``: scaling and squaring, ``vec = vec + transformer(vec, vec)``), written here
+in float64 from those definitions; and the inverse consistency of integrated velocities."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import stn_triton as st
+from _cases import assert_close
+
+
+def _vm_transform(src, flow):
+    """VoxelMorph's SpatialTransformer(size)(src, flow), float64."""
+    size = src.shape[2:]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=flow.dtype) for s in size], indexing="ij"))
+    loc = grid[None] + flow
+    loc = torch.stack([2 * (loc[:, i] / (s - 1) - 0.5) for i, s in enumerate(size)], 1)
+    return F.grid_sample(src, loc.movedim(1, -1).flip(-1), mode="bilinear", align_corners=True)
+
+
+def _vm_vecint(vec, steps):
+    """VoxelMorph's VecInt(size, steps)(vec)."""
+    vec = vec * (1.0 / 2 ** steps)
+    for _ in range(steps):
+        vec = vec + _vm_transform(vec, vec)
+    return vec
+
+
+def _smooth(shape, gen, amplitude, device):
+    """A smooth random field (N, nd, *size) in pixels: coarse noise, upsampled."""
+    nd = len(shape) - 2
+    coarse = torch.randn(shape[0], nd, *[max(2, s // 4) for s in shape[2:]], generator=gen, dtype=torch.float64)
+    up = F.interpolate(coarse, size=shape[2:], mode="bilinear" if nd == 2 else "trilinear", align_corners=True)
+    return (amplitude * up).float().to(device)
+
+
+SHAPES = [(2, 1, 12, 14), (1, 1, 6, 7, 8)]
+IDS = ["2d", "3d"]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_integrate_velocity_is_voxelmorphs_vecint(device, shape):
+    gen = torch.Generator().manual_seed(len(shape))
+    v = _smooth(shape, gen, 2.0, device).requires_grad_()
+    u = st.integrate_velocity(v, steps=5)
+    v64 = v.detach().cpu().double().requires_grad_()
+    want = _vm_vecint(v64, 5)
+    assert_close(u, want, torch.float32, "displacement", tol_scale=5)
+    g = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    (got,) = torch.autograd.grad(u, v, g.float().to(device))
+    (ref,) = torch.autograd.grad(want, v64, g)
+    assert_close(got, ref, torch.float32, "grad velocity", scale_by_max=True, tol_scale=5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 16, 18), (1, 1, 10, 12, 12)], ids=IDS)
+def test_compose_is_warping_twice(device, shape):
+    """compose_flows(first, second): second plus first warped by second, the definition; and warping
+    once by it is warping by first, then by second, up to interpolation: at least twice as close as
+    warping once by the sum of the fields."""
+    gen = torch.Generator().manual_seed(10 + len(shape))
+    first, second = _smooth(shape, gen, 1.5, device), _smooth(shape, gen, 1.5, device)
+    both = st.compose_flows(first, second)
+    f64, s64 = first.double().cpu(), second.double().cpu()
+    assert_close(both, s64 + _vm_transform(f64, s64), torch.float32, "composition")
+    img = _smooth((shape[0], 2, *shape[2:]), gen, 1.0, device)  # a smooth image
+    twice = st.flow_sample(st.flow_sample(img, first, align_corners=True), second, align_corners=True)
+    once = st.flow_sample(img, both, align_corners=True)
+    summed = st.flow_sample(img, first + second, align_corners=True)
+    inside = tuple([slice(None), slice(None)] + [slice(2, -2)] * (len(shape) - 2))  # away from the zeros padding
+    err = (once - twice)[inside].abs().mean()
+    assert err < 0.5 * (summed - twice)[inside].abs().mean(), err
+    # the grid layout, normalised units: the same composition
+    scale = torch.tensor([2.0 / (s - 1) for s in shape[2:]][::-1], device=device)
+    norm = lambda u: u.movedim(1, -1).flip(-1) * scale  # noqa: E731  pixels (index order) -> normalised (x, y[, z])
+    got = st.compose_flows(norm(first), norm(second), layout="grid", units="normalized")
+    assert_close(got, norm(both), torch.float32, "composition, grid layout")
+
+
+def test_integrated_velocity_and_its_negative_are_inverses(device):
+    """exp(v) then exp(-v) is close to the identity for a smooth v (the point of scaling and squaring):
+    several times closer than exp(v) then its negative."""
+    gen = torch.Generator().manual_seed(3)
+    v = _smooth((1, 1, 24, 24), gen, 2.0, device)
+    forth, back = st.integrate_velocity(v), st.integrate_velocity(-v)
+    inside = (slice(None), slice(None), slice(5, -5), slice(5, -5))
+    residual = st.compose_flows(forth, back)[inside].abs().mean()
+    naive = st.compose_flows(forth, -forth)[inside].abs().mean()
+    assert forth.abs().max() > 2.0  # a real deformation, of a few pixels
+    assert residual < 0.25 * naive and residual < 0.1 * forth[inside].abs().mean(), (residual, naive)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_flow_warp_is_voxelmorphs_layer(device, shape):
+    gen = torch.Generator().manual_seed(20 + len(shape))
+    src = torch.randn(shape, generator=gen).to(device)
+    flow = _smooth(shape, gen, 2.0, device)
+    layer = st.FlowWarp(shape[2:])
+    assert_close(layer(src, flow), _vm_transform(src.double().cpu(), flow.double().cpu()), torch.float32, "warp")
+    with pytest.raises(st.ArgumentError, match=r"flow: expected the spatial size .* got \(5, 5"):
+        layer(src, flow[..., :5, :5] if len(shape) == 4 else flow[..., :5, :5, :5])
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: st.compose_flows(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 5)), ["second", "(1, 2, 4, 4)"]),
+    (lambda: st.compose_flows(torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)), ["first", "one field per image"]),
+    (lambda: st.integrate_velocity(torch.zeros(1, 2, 4, 4), steps=-1), ["steps", "-1"]),
+    (lambda: st.FlowWarp(size=8), ["size", "8"]),
+], ids=["shapes-differ", "not-a-field", "steps", "size"])
+def test_bad_arguments(call, words):
+    with pytest.raises(st.ArgumentError) as e:
+        call()
+    for w in words:
+        assert w in str(e.value)
