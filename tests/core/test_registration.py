@@ -1,5 +1,5 @@
-"""The registration helpers (stn_triton.registration), kernels running, against VoxelMorph's layers as its
-source defines them (``SpatialTransformer``: voxel grid plus flow, rescaled, ``grid_sample`` with
+"""The registration helpers (stn_triton.registration), kernels running, against MONAI's Warp and
+DVF2DDF layers (run, float64) and VoxelMorph's layers as its source defines them (``SpatialTransformer``: voxel grid plus flow, rescaled, ``grid_sample`` with
 align_corners=True; ``VecInt``: scaling and squaring, ``vec = vec + transformer(vec, vec)``), written here
 in float64 from those definitions; and the inverse consistency of integrated velocities."""
 
@@ -113,3 +113,42 @@ def test_bad_arguments(call, words):
         call()
     for w in words:
         assert w in str(e.value)
+
+
+@pytest.fixture
+def monai_blocks():
+    return pytest.importorskip("monai.networks.blocks", reason="MONAI is a test extra")
+
+
+_MONAI_NATIVE = "ignore:monai.networks.blocks.Warp. Using PyTorch native grid_sample"
+
+
+@pytest.mark.filterwarnings(_MONAI_NATIVE)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+@pytest.mark.parametrize("mode,padding_mode", [("bilinear", "border"), ("nearest", "zeros"), ("bilinear", "reflection")])
+def test_flow_warp_is_monais_warp(device, monai_blocks, shape, mode, padding_mode):
+    """MONAI's Warp (pixel displacements, index order, channels first, align_corners=True; border
+    padding by default), run in float64, against our layer with the same options; values and
+    gradients."""
+    gen = torch.Generator().manual_seed(30 + len(shape))
+    src = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    ddf = _smooth(shape, gen, 2.5, device).requires_grad_()
+    ours = st.FlowWarp(mode=mode, padding_mode=padding_mode)(src, ddf)
+    s64, d64 = (t.detach().cpu().double().requires_grad_() for t in (src, ddf))
+    theirs = monai_blocks.Warp(mode=mode, padding_mode=padding_mode)(s64, d64)
+    assert_close(ours, theirs, torch.float32, "warp vs MONAI")
+    g = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(ours, (src, ddf), g.float().to(device))
+    want = torch.autograd.grad(theirs, (s64, d64), g, allow_unused=True)
+    assert_close(got[0], want[0], torch.float32, "grad source vs MONAI")
+    if mode == "bilinear":  # nearest is piecewise constant in the field
+        assert_close(got[1], want[1], torch.float32, "grad ddf vs MONAI", scale_by_max=True)
+
+
+@pytest.mark.filterwarnings(_MONAI_NATIVE)
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_integrate_velocity_is_monais_dvf2ddf(device, monai_blocks, shape):
+    gen = torch.Generator().manual_seed(40 + len(shape))
+    v = _smooth(shape, gen, 2.0, device)
+    theirs = monai_blocks.DVF2DDF(num_steps=7)(v.double().cpu())
+    assert_close(st.integrate_velocity(v, steps=7), theirs, torch.float32, "DVF2DDF", tol_scale=5)
