@@ -138,7 +138,8 @@ class RecordTorchOps(TorchDispatchMode):
             flat_out = [a for a in torch.utils._pytree.tree_leaves(out) if isinstance(a, torch.Tensor)]
             reads = sum(_nbytes(t) for t in flat_in if not (name.endswith("_") and t is flat_in[0]))
             writes = sum(_nbytes(t) for t in flat_out)
-            if name in ("fill_", "zero_", "zeros", "zeros_like", "full", "full_like", "ones", "ones_like"):
+            if name in ("fill_", "zero_", "zeros", "zeros_like", "full", "full_like", "ones", "ones_like",
+                        "new_zeros", "new_ones", "new_full"):  # (new_*: their tensor argument gives dtype and device)
                 reads = 0
             LOG.append({"kind": "torch", "name": str(func), "bytes": int(reads + writes)})
         return out

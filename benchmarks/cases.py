@@ -49,6 +49,7 @@ class Case:
     sampling: str = "bilinear"  # the interpolation: bilinear (trilinear for a volume), nearest or bicubic
     D: int = None  # input depth: a volumetric (5-D) case; None for 2-D
     Do: int = None  # output depth (volumetric cases)
+    field: bool = False  # the transform is a dense displacement field (the flow providers); else a matrix
 
     @property
     def is_3d(self):
@@ -118,6 +119,11 @@ NAMED = {c.name: c for c in (
     # 2 * 65 * 4096 * 4096 = 2,181,038,080 elements > 2^31: every index must be 64-bit
     Case("huge", 2, 65, 4096, 4096, 2048, 2048, note="input over 2^31 elements (never scaled)", scalable=False),
     # volumes (5-D input, trilinear): a registration-like pair of 3-channel scans, a feature volume
+    Case("field-2d", 16, 3, 512, 512, 512, 512, field=True, note="2-D displacement field (registration)"),
+    Case("field-oasis", 1, 1, 192, 224, 192, 224, D=160, Do=160, layout="ncdhw", field=True,
+         note="OASIS-sized 3-D displacement field, one channel"),
+    Case("field-oasis-c2", 1, 2, 192, 224, 192, 224, D=160, Do=160, layout="ncdhw", field=True,
+         note="OASIS-sized 3-D displacement field, two channels"),
     Case("vol-reg", 2, 3, 192, 224, 192, 224, D=160, Do=160, layout="ncdhw",
          note="registration-like volume 160x192x224, trilinear"),
     Case("vol-feat-cl", 2, 32, 96, 96, 96, 96, D=96, Do=96, layout="channels_last_3d",
@@ -126,7 +132,7 @@ NAMED = {c.name: c for c in (
 CPU_DEFAULT_CASES = ("mnist", "svhn")
 CPU_DEFAULT_BATCH_SCALE = 1 / 16
 
-SPEC_FIELDS = ("N", "C", "D", "H", "W", "Do", "Ho", "Wo", "K", "dtype", "layout", "sampling", "name")
+SPEC_FIELDS = ("N", "C", "D", "H", "W", "Do", "Ho", "Wo", "K", "dtype", "layout", "sampling", "field", "name")
 _REQUIRED = ("N", "C", "H", "W")
 
 
@@ -182,6 +188,7 @@ def parse_case_spec(spec):
     ``D=`` makes a volumetric case (input N, C, D, H, W): ``Do`` defaults to D, the layout to ncdhw
     (``channels_last``/``cl`` mean channels_last_3d there); ``Do`` without ``D`` and a 3-D layout
     without ``D`` are errors. ``sampling=bicubic`` on a volume is tricubic (64 taps per voxel).
+    ``field=1``: the transform is a dense displacement field (the flow providers run on it).
     Raises ValueError naming the bad field.
     """
     by_lower = {f.lower(): f for f in SPEC_FIELDS}
@@ -213,6 +220,10 @@ def parse_case_spec(spec):
                 value = canonical_sampling(value)
             except ValueError as e:
                 raise ValueError(f"field 'sampling': {e}") from None
+        elif field == "field":
+            if value.lower() not in ("0", "1", "yes", "no", "true", "false"):
+                raise ValueError(f"field 'field': expected 1 or 0 (a displacement field or not), got {value!r}")
+            value = value.lower() in ("1", "yes", "true")
         elif field != "name":
             try:
                 value = int(value)
@@ -245,7 +256,8 @@ def parse_case_spec(spec):
         out = ([v["Do"]] if volume else []) + [v["Ho"], v["Wo"]]
         values["name"] = ("x".join(map(str, dims)) + "-" + "x".join(map(str, out))
                           + (f"-K{v['K']}" if v["K"] > 1 else "") + ("-cl" if v["layout"] in CHANNELS_LAST else "")
-                          + (f"-{v['sampling']}" if v["sampling"] != "bilinear" else ""))
+                          + (f"-{v['sampling']}" if v["sampling"] != "bilinear" else "")
+                          + ("-field" if v.get("field") else ""))
     return Case(note="custom", **values)
 
 
@@ -262,13 +274,15 @@ def param_bytes(case, family, basis_dim=0):
     """The transform's own tensors, float32: theta (2x3), h (3x3), or m (2xD) and the basis (D x Ho*Wo).
 
     A volume: theta (3x4), h (4x4: a 3-D homography, which no provider has), or m (3xD) and the basis
-    (D x Do*Ho*Wo)."""
+    (D x Do*Ho*Wo). A displacement field (family flow): the field, one float32 vector per output pixel."""
     NK = case.N * case.K
     nd = len(case.out_size)  # coordinates per sample: 2, or 3 for a volume
     if family == "affine":
         return NK * nd * (nd + 1) * 4
     if family == "projective":
         return NK * (nd + 1) ** 2 * 4
+    if family == "flow":  # the displacement field itself, float32, one vector per output pixel
+        return grid_bytes(case)
     return NK * nd * basis_dim * 4 + basis_dim * case.out_pixels * 4
 
 

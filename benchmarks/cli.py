@@ -155,11 +155,13 @@ def config(args, p):
         if c.name in seen:
             p.error(f"--case-spec: case name {c.name!r} used twice; give one a name=...")
         seen.add(c.name)
-    providers = args.providers or [n for n, pr in PROVIDERS.items() if pr.cpu_default or not cpu]
+    # by default every provider with rows in this run (the flow providers run on displacement-field cases only)
+    providers = args.providers or [n for n, pr in PROVIDERS.items()
+                                   if (pr.cpu_default or not cpu) and any(pr.runs_on(c) for c in cases)]
     cfg = RunConfig(cases=cases, providers=list(dict.fromkeys(providers)), modes=steps,
                     dtypes=list(dict.fromkeys(args.dtypes)), device=device, warmup_ms=args.warmup, rep_ms=args.rep,
                     cuda_graphs=not args.no_cuda_graphs, progress=not args.no_progress)
-    others = [n for n in cfg.providers if not PROVIDERS[n].ours]
+    others = [n for n in cfg.providers if not PROVIDERS[n].ours and any(PROVIDERS[n].runs_on(c) for c in cfg.cases)]
     if "bwd-det" in cfg.modes and others:  # the deterministic backward is this library's alone
         ours = ", ".join(n for n in PROVIDERS if PROVIDERS[n].ours)
         if not plan(cfg):

@@ -1,6 +1,6 @@
 """Providers: the implementations a benchmark row times, all computing the same kind of transform.
 
-Every provider belongs to a transform *family* (affine, projective, basis), which fixes the
+Every provider belongs to a transform *family* (affine, projective, basis, flow), which fixes the
 parameters the run draws for it (:func:`draw_params`) and the minimum bytes of a row. A provider then
 
 - ``prepare(params, x, case)``: turns the family's float32 parameters into the leaf tensors it
@@ -17,6 +17,12 @@ Volumetric cases (``case.is_3d``: input (N, C, D, H, W), output (N[, K], C, Do, 
 the affine family draws theta (N[, K], 3, 4) and every affine provider has a 3-D form (eager's and
 ``torch.compile``'s 5-D ``F.affine_grid`` + ``F.grid_sample``, ours fused and on an explicit grid,
 kornia's ``warp_affine3d``); a provider without one says why in ``no_3d`` and gets a skipped row.
+
+Displacement-field cases (``case.field``) run the flow family's providers only (and they run on no
+other case): a smooth field (N[, K], [Do,] Ho, Wo, 2|3) in ``grid_sample``'s units, sampled by ours
+(``st.flow_sample``, the field read in place), by eager PyTorch as registration code does it (the
+identity grid, made once outside the timing, plus the field, then ``F.grid_sample``) and by
+``torch.compile`` of that.
 """
 
 import importlib.util
@@ -35,7 +41,7 @@ TPS_GRID = (4, 4)  # the paper's 4 x 4 control points: D = 16 + 3 basis rows
 class Provider:
     name: str
     description: str
-    family: str  # "affine", "projective" or "basis": which parameters it takes
+    family: str  # "affine", "projective", "basis" or "flow": which parameters it takes
     ours: bool  # one of this library's kernels (gets the deterministic-backward row)
     make_apply: callable  # (case, dtype, device) -> apply(x, leaves)
     prepare: callable = None  # (params, x, case) -> leaves; default: the family's params as they are
@@ -50,6 +56,11 @@ class Provider:
         if self.requires and importlib.util.find_spec(self.requires) is None:
             return False, f"{self.requires} not installed"
         return True, ""
+
+    def runs_on(self, case):
+        """Whether ``case`` is of this provider's kind at all: displacement-field cases for the flow
+        family, the others for every other family (no row, not even a skipped one, otherwise)."""
+        return (self.family == "flow") == bool(getattr(case, "field", False))
 
     def applies(self, case):
         """(True, "") or (False, why this provider has no row for ``case``)."""
@@ -94,6 +105,12 @@ def draw_params(family, case, device, generator):
     def noise(*shape, scale):
         return scale * torch.randn(*shape, generator=generator, device=device)
 
+    if family == "flow":  # a smooth field, normalised units: coarse noise upsampled, a few pixels at most
+        nd = len(case.out_size)
+        coarse = noise(*lead, nd, *[4] * nd, scale=0.05)
+        flat = coarse.reshape(-1, nd, *[4] * nd)
+        up = F.interpolate(flat, size=case.out_size, mode="bilinear" if nd == 2 else "trilinear", align_corners=True)
+        return [up.reshape(*lead, nd, *case.out_size).movedim(len(lead), -1).contiguous()]
     if case.is_3d:
         if family != "affine":
             raise ValueError(f"family {family!r} has no volumetric form in the benchmarks (affine has)")
@@ -272,6 +289,36 @@ def _grid_apply(case, dtype, device):
     return apply
 
 
+def _identity_grid(case, device):
+    """affine_grid's identity grid for the case's output, (*out_size, nd) float32 (align_corners=False)."""
+    nd = len(case.out_size)
+    eye = torch.eye(nd, nd + 1, device=device)[None]
+    return F.affine_grid(eye, (1, 1, *case.out_size), align_corners=False)[0]
+
+
+def _eager_flow_apply(case, dtype, device):
+    base = _identity_grid(case, device).to(getattr(torch, dtype))  # made once, as a registration model's buffer
+
+    def apply(x, leaves):
+        (u,) = leaves  # in x's dtype (F.grid_sample wants one dtype)
+        grid = (base + u).reshape(case.N * case.K, *case.out_size, len(case.out_size))
+        return _unflatten_k(F.grid_sample(repeat_k(x, case.K), grid, mode=case.sampling, align_corners=False), case)
+
+    return apply
+
+
+def _compile_flow_apply(case, dtype, device):
+    torch._dynamo.reset()
+    return torch.compile(_eager_flow_apply(case, dtype, device), dynamic=False)
+
+
+def _flow_apply(case, dtype, device):
+    def apply(x, leaves):
+        return st.flow_sample(x, leaves[0], mode=case.sampling, layout="grid", units="normalized")
+
+    return apply
+
+
 PROVIDERS = {p.name: p for p in (
     Provider("ours-affine", "st.affine_sample: affine grid made inside the fused kernel", "affine", True,
              lambda case, dtype, device: lambda x, leaves: st.affine_sample(x, leaves[0], case.out_size,
@@ -289,6 +336,12 @@ PROVIDERS = {p.name: p for p in (
     Provider("eager-ac", "PyTorch eager F.affine_grid + F.grid_sample, align_corners=True (cuDNN for fp32/fp16)",
              "affine", False, lambda case, dtype, device: _eager_apply(case, True), prepare=_theta_in_input_dtype),
     Provider("compile", "torch.compile of the eager pair (align_corners=False)", "affine", False, _compile_apply,
+             prepare=_theta_in_input_dtype, cpu_default=False),
+    Provider("ours-flow", "st.flow_sample: a displacement field read in place, base grid made in the kernel",
+             "flow", True, _flow_apply),
+    Provider("eager-flow", "PyTorch eager: identity grid (made once) + field, then F.grid_sample (the field cases' "
+             "baseline)", "flow", False, _eager_flow_apply, prepare=_theta_in_input_dtype),
+    Provider("compile-flow", "torch.compile of eager-flow", "flow", False, _compile_flow_apply,
              prepare=_theta_in_input_dtype, cpu_default=False),
     Provider("kornia", "kornia.geometry.transform.warp_affine (volumes: warp_affine3d), theta converted to pixel "
              "matrices", "affine", False, _kornia_apply, prepare=_kornia_prepare, requires="kornia",

@@ -24,7 +24,7 @@ import stn_triton as st
 
 from .cases import NAMED, shape_text
 from .providers import PROVIDERS
-from .runner import BASELINE, ROW_FIELDS
+from .runner import BASELINE, BASELINES, ROW_FIELDS
 
 MIN_BYTES_RULE = ("the forward reads the input and the transform's parameters once and writes the output once; "
                   "the backward reads the output's gradient and the input once and writes the input's gradient "
@@ -332,7 +332,7 @@ def write(out_dir, meta, rows, targets, plots=True):
         names = list(dict.fromkeys(r["provider"] for r in rows))
         paths["speedup"] = stem.with_name(stem.name + "-speedup.png")
         _plot(rows, meta, paths["speedup"], "speedup_vs_eager", f"x over {BASELINE} (log)",
-              "Speed-up over PyTorch eager (align_corners=False)", [p for p in names if p != BASELINE],
+              "Speed-up over PyTorch eager (align_corners=False)", [p for p in names if p not in BASELINES],
               refs=[(1.0, "eager")], log=True)
         paths["bandwidth"] = stem.with_name(stem.name + "-bandwidth.png")
         _plot(rows, meta, paths["bandwidth"], "frac_of_copy", "fraction of copy GB/s",

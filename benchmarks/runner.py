@@ -49,6 +49,7 @@ MODE_HELP = {
     "bwd-det": "bwd under torch.use_deterministic_algorithms(True); this library's providers only",
 }
 BASELINE = "eager"
+BASELINES = (BASELINE, "eager-flow")  # a case has rows of one of them: the displacement-field cases eager-flow
 ROTATE_MIN_BYTES = 100 * 2**20
 MAX_SETS = {"cuda": 256, "cpu": 4}  # input sets per row (the CPU has no L2 worth defeating)
 
@@ -88,6 +89,8 @@ def plan(cfg):
     for case in cfg.cases:
         for dtype in ([case.dtype] if case.dtype else cfg.dtypes):
             for name in cfg.providers:
+                if not PROVIDERS[name].runs_on(case):  # field cases: the flow providers; others: the rest
+                    continue
                 for mode in cfg.modes:
                     if mode == "bwd-det" and not PROVIDERS[name].ours:
                         continue
@@ -255,11 +258,12 @@ def _fail(row, e):
 def derive(rows, copy_gbps):
     """Fill gbps, frac_of_copy and speedup_vs_eager from the medians.
 
-    The speed-up of a row is the median of the ``eager`` row (align_corners=False) of the same case,
-    dtype and mode, over the row's median; ``bwd-det`` rows compare with eager's ``bwd``.
+    The speed-up of a row is the median of the ``eager`` row (align_corners=False; on displacement-field
+    cases ``eager-flow``) of the same case, dtype and mode, over the row's median; ``bwd-det`` rows
+    compare with eager's ``bwd``.
     """
     base = {(r["case"], r["dtype"], r["mode"]): r["median_ms"] for r in rows
-            if r["provider"] == BASELINE and r["status"] == "ok"}
+            if r["provider"] in BASELINES and r["status"] == "ok"}
     for r in rows:
         if r["status"] != "ok":
             continue

@@ -33,7 +33,9 @@ def test_cpu_defaults():
     cfg = _config()
     assert [c.name for c in cfg.cases] == ["mnist", "svhn"]
     assert [c.N for c in cfg.cases] == [16, 8]  # shrunk by the CPU's default --batch-scale 1/16
-    assert cfg.providers == [n for n in PROVIDERS if n != "compile"]  # compile is slow on the CPU
+    # compile is slow on the CPU; the flow providers run on displacement-field cases only
+    assert cfg.providers == [n for n in PROVIDERS if n not in ("compile", "compile-flow", "ours-flow", "eager-flow")]
+    assert _config("--cases", "field-2d").providers == ["ours-flow", "eager-flow"]
     assert cfg.modes == ["fwd", "bwd", "fwd+bwd", "bwd-det"]
     assert cfg.dtypes == ["float32", "bfloat16"]
     assert (cfg.warmup_ms, cfg.rep_ms, cfg.device) == (25.0, 100.0, CPU)
@@ -144,6 +146,31 @@ def test_affine_providers_compute_the_same_transform(spec):
         torch.testing.assert_close(out, outs["eager"], rtol=1e-4, atol=1e-4, msg=name)
     for p in PROVIDERS.values():
         p.reset()
+
+
+@pytest.mark.parametrize("spec", ["N=2,C=3,H=9,W=11,K=2,field=1", "N=1,C=2,D=4,H=5,W=6,field=1"], ids=["2d-K2", "3d"])
+def test_flow_providers_compute_the_same_warp(spec):
+    """On a displacement-field case: ours (the field read in place) samples where eager's identity grid
+    plus the field does; the field cases get the flow providers' rows only, the others none of them."""
+    case = parse_case_spec(spec)
+    assert case.field and case.name.endswith("-field")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(case.N, case.C, *case.in_size, generator=g)
+    params = draw_params("flow", case, CPU, g)
+    assert params[0].shape == (*((case.N,) if case.K == 1 else (case.N, case.K)), *case.out_size, len(case.out_size))
+    outs = {n: PROVIDERS[n].build(case, "float32", CPU)(x, PROVIDERS[n].leaves(params, x, case))
+            for n in ("ours-flow", "eager-flow")}
+    torch.testing.assert_close(outs["ours-flow"], outs["eager-flow"], rtol=1e-4, atol=1e-4)
+    for p in PROVIDERS.values():
+        p.reset()
+    cfg = runner.RunConfig(cases=[case, parse_case_spec(TINY)], providers=list(PROVIDERS), modes=["fwd"],
+                           dtypes=["float32"], device=CPU)
+    by_case = {}
+    for c, _, name, _ in runner.plan(cfg):
+        by_case.setdefault(c.name, set()).add(name)
+    assert by_case[case.name] == {"ours-flow", "eager-flow", "compile-flow"}
+    assert not by_case[parse_case_spec(TINY).name] & {"ours-flow", "eager-flow", "compile-flow"}
+    assert min_bytes(case, "float32", "fwd", "flow") == (x.numel() + case.output_numel + params[0].numel()) * 4
 
 
 def test_min_bytes_by_hand():
