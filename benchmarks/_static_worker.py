@@ -189,6 +189,8 @@ def run_job(job):
         except ImportError:
             pass
     launch.STATIC_CHOICE = job.get("choice")  # None: the launchers' default shape
+    if hasattr(ops, "_stand_in"):  # made once per device, before any call: not one of a call's launches
+        ops._stand_in(x.device)
     opts = (job.get("sampling", "bilinear"), job.get("padding_mode", "zeros"), bool(job.get("align_corners", False)))
     steps = {"fwd": ["fwd"], "bwd": ["bwd"], "fwd+bwd": ["fwd", "bwd"], "bwd-det": ["bwd-det"]}[job["mode"]]
     out = []

@@ -46,11 +46,22 @@ def _new_output(form, x, K, size):
     return launch.new_output(x, K, *size)
 
 
+_STAND_IN = {}  # device -> a float32 [1]: the parameter row the per-pixel forms are given and never read
+
+
+def _stand_in(device):
+    """One per device, made once: a fresh one per call would be one more (fill) launch per call."""
+    t = _STAND_IN.get(device)
+    if t is None:
+        t = _STAND_IN[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return t
+
+
 def _kernel_params(form, params):
     """(prm float32 (N*K, R) contiguous, aux, DM) as the kernels take them."""
     f, p0 = FORMS[form], params[0]
     if f.per_pixel:
-        return p0.new_zeros(1, dtype=torch.float32), p0, 0
+        return _stand_in(p0.device), p0, 0
     NK = p0.shape[0] * p0.shape[1]
     prm = p0.reshape(NK, p0.shape[2:].numel()).to(torch.float32).contiguous()
     if f.basis:

@@ -144,6 +144,8 @@ def test_compile_only_run(tmp_path, capsys):
     assert [lp["source"].split(":")[0] for lp in fwd["loops"]] == ["sampler.py"]  # the channel loop, found
     assert fwd["loops"][0]["trips"] == 3
     assert planar_fwd["n_launches"] == 1
+    grid_fwd = next(r for r in rows if (r["case"], r["form"], r["mode"]) == ("tiny", "grid", "fwd"))
+    assert grid_fwd["n_launches"] == 1  # the grid read in place, no stand-in parameter row made per call
     text = md.read_text()
     assert "## Targets" in text and "## Per launch" in text
     assert {t["verdict"] for t in report["targets"]} <= {"met", "not in this run", "reported"}
