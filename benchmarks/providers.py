@@ -184,7 +184,7 @@ def _eager_apply(case, align_corners):
     return apply
 
 
-def _theta_in_input_dtype(params, x, case):
+def _params_in_input_dtype(params, x, case):  # theta, or a field: F.grid_sample wants the input's dtype
     return [params[0].to(x.dtype)]
 
 
@@ -332,17 +332,17 @@ PROVIDERS = {p.name: p for p in (
     Provider("ours-grid", "st.grid_sample on F.affine_grid's grid (grid made by PyTorch, sampled by us)",
              "affine", True, _grid_apply),
     Provider("eager", "PyTorch eager F.affine_grid + F.grid_sample, align_corners=False (the baseline)",
-             "affine", False, lambda case, dtype, device: _eager_apply(case, False), prepare=_theta_in_input_dtype),
+             "affine", False, lambda case, dtype, device: _eager_apply(case, False), prepare=_params_in_input_dtype),
     Provider("eager-ac", "PyTorch eager F.affine_grid + F.grid_sample, align_corners=True (cuDNN for fp32/fp16)",
-             "affine", False, lambda case, dtype, device: _eager_apply(case, True), prepare=_theta_in_input_dtype),
+             "affine", False, lambda case, dtype, device: _eager_apply(case, True), prepare=_params_in_input_dtype),
     Provider("compile", "torch.compile of the eager pair (align_corners=False)", "affine", False, _compile_apply,
-             prepare=_theta_in_input_dtype, cpu_default=False),
+             prepare=_params_in_input_dtype, cpu_default=False),
     Provider("ours-flow", "st.flow_sample: a displacement field read in place, base grid made in the kernel",
              "flow", True, _flow_apply),
     Provider("eager-flow", "PyTorch eager: identity grid (made once) + field, then F.grid_sample (the field cases' "
-             "baseline)", "flow", False, _eager_flow_apply, prepare=_theta_in_input_dtype),
+             "baseline)", "flow", False, _eager_flow_apply, prepare=_params_in_input_dtype),
     Provider("compile-flow", "torch.compile of eager-flow", "flow", False, _compile_flow_apply,
-             prepare=_theta_in_input_dtype, cpu_default=False),
+             prepare=_params_in_input_dtype, cpu_default=False),
     Provider("kornia", "kornia.geometry.transform.warp_affine (volumes: warp_affine3d), theta converted to pixel "
              "matrices", "affine", False, _kornia_apply, prepare=_kornia_prepare, requires="kornia",
              samplings=("bilinear", "nearest")),

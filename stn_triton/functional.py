@@ -280,18 +280,15 @@ def flow_sample(input, flow, mode="bilinear", padding_mode="zeros", align_corner
     if flow.device != x.device:
         raise ArgumentError(f"flow: expected a tensor on {x.device} (the device of input), got {flow.device}")
     sp = "Ho, Wo" if nd == 2 else "Do, Ho, Wo"
+    rank_ok = flow.dim() in (nd + 2, nd + 3)
+    first_ok, grid_ok = rank_ok and flow.shape[-nd - 1] == nd, rank_ok and flow.shape[-1] == nd
     if layout == "channels_first":
-        expected = f"(N, {nd}, {sp}) or (N, K, {nd}, {sp})"
-        had_k = flow.dim() == nd + 3
-        ok = flow.dim() in (nd + 2, nd + 3) and flow.shape[-nd - 1] == nd
-        other = flow.dim() in (nd + 2, nd + 3) and flow.shape[-1] == nd
-        hint = "; that is the grid layout: pass layout='grid'" if other and not ok else ""
+        expected, ok = f"(N, {nd}, {sp}) or (N, K, {nd}, {sp})", first_ok
+        hint = "; that is the grid layout: pass layout='grid'" if grid_ok and not ok else ""
     else:
-        expected = f"(N, {sp}, {nd}) or (N, K, {sp}, {nd})"
-        had_k = flow.dim() == nd + 3
-        ok = flow.dim() in (nd + 2, nd + 3) and flow.shape[-1] == nd
-        other = flow.dim() in (nd + 2, nd + 3) and flow.shape[-nd - 1] == nd
-        hint = "; that is the channels-first layout: pass layout='channels_first'" if other and not ok else ""
+        expected, ok = f"(N, {sp}, {nd}) or (N, K, {sp}, {nd})", grid_ok
+        hint = "; that is the channels-first layout: pass layout='channels_first'" if first_ok and not ok else ""
+    had_k = flow.dim() == nd + 3
     if not ok:
         what = "a 5-D input" if nd == 3 else "a 4-D input"
         raise ArgumentError(f"flow: expected shape {expected} for {what} with layout={layout!r}, got "

@@ -65,8 +65,9 @@ class FlowWarp(nn.Module):
 
     With its defaults (fields channels first, in pixels, index order; ``align_corners=True``) it is a
     drop-in for VoxelMorph's ``SpatialTransformer(size, mode)``: ``FlowWarp(size, mode)(src, flow)`` gives
-    its result; ``FlowWarp(mode=m, padding_mode="border")`` is MONAI's ``Warp(m)``. ``size`` (optional) is the fields' spatial size, checked at each call; no grid buffer is
-    kept (the kernel makes each pixel's base point)."""
+    its result; ``FlowWarp(mode=m, padding_mode="border")`` is MONAI's ``Warp(m)``. ``size`` (optional)
+    is the fields' spatial size, checked at each call; no grid buffer is kept (the kernel makes each
+    pixel's base point)."""
 
     def __init__(self, size=None, mode="bilinear", padding_mode="zeros", align_corners=True,
                  layout="channels_first", units="pixels"):

@@ -123,6 +123,18 @@ def install():
     interpreter._stn_triton_fast_patch = True
 
 
+def _plain_ints(values, constexpr):
+    """A shape's values (ints or ``constexpr`` ints) as a list of ints, or None if any is something else."""
+    out = []
+    for v in values:
+        if type(v) is constexpr:
+            v = v.value
+        if type(v) is not int:
+            return None
+        out.append(v)
+    return out
+
+
 def _remember_shapes(core):
     """``block_type.__init__`` and ``tensor.__init__`` with what they derive from a shape remembered
     per shape; anything but a non-empty list or ``tl.tuple`` of ints goes to the originals."""
@@ -139,17 +151,11 @@ def _remember_shapes(core):
     block_init, tensor_init = core.block_type.__init__, core.tensor.__init__
     blocks, tensors = {}, {}
 
-    def ints(shape):
+    def ints(shape):  # a non-empty list or tl.tuple of ints as a tuple (the memory's key), else None
         if type(shape) is not list and type(shape) is not ttuple:
             return None
-        out = []
-        for s in shape:
-            if type(s) is constexpr:
-                s = s.value
-            if type(s) is not int:
-                return None
-            out.append(s)
-        return builtins.tuple(out) or None
+        out = _plain_ints(shape, constexpr)
+        return builtins.tuple(out) or None if out is not None else None
 
     def new_block_type(self, element_ty, shape):
         key = ints(shape)
@@ -204,15 +210,8 @@ def _answer_quickly(core, semantic):
 
     constexpr, ttuple, block_type = core.constexpr, core.tuple, core.block_type
 
-    def ints(values):  # a shape's values as ints, or None
-        out = []
-        for v in values:
-            if type(v) is constexpr:
-                v = v.value
-            if type(v) is not int:
-                return None
-            out.append(v)
-        return out
+    def ints(values):
+        return _plain_ints(values, constexpr)
 
     tuple_eq = ttuple.__eq__
 

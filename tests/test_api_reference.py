@@ -83,3 +83,28 @@ def test_the_table_would_catch_a_drift(monkeypatch):
 
     monkeypatch.setattr(stn_triton, "affine_sample", affine_sample)
     assert _table()["st.affine_sample"] != _arguments(_resolve("st.affine_sample"))
+
+
+def test_what_the_readme_says_beside_the_table(monkeypatch):
+    """The lazy regression layer (counting parameters before the first forward raises, after it works),
+    and the CPU path being plain PyTorch: torch.export shows ATen's grid_sampler there and the custom op
+    under the kernels (the interpreter)."""
+    import torch
+
+    import stn_triton as st
+
+    stn = st.SpatialTransformer(size=(8, 8))
+    with pytest.raises(ValueError):
+        sum(p.numel() for p in stn.parameters())
+    stn(torch.randn(1, 1, 12, 12))
+    assert sum(p.numel() for p in stn.parameters()) > 0
+
+    class Warp(torch.nn.Module):
+        def forward(self, x, theta):
+            return st.affine_sample(x, theta, (4, 4))
+
+    args = (torch.randn(1, 2, 8, 8), torch.eye(2, 3)[None])
+    for interpret, op in (("0", "aten.grid_sampler.default"), ("1", "stn_triton.affine_sample.default")):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        graph = torch.export.export(Warp(), args).graph
+        assert op in {str(n.target) for n in graph.nodes if n.op == "call_function"}, interpret

@@ -217,14 +217,12 @@ def _check_data(data):
     if data == "digits":
         try:
             import sklearn.datasets  # noqa: F401
-        except ModuleNotFoundError as e:
-            if (e.name or "sklearn").split(".")[0] != "sklearn":
-                raise SystemExit(f"stn-digits: --data digits: scikit-learn does not import ({e}): reinstall it: "
-                                 "pip install 'stn-triton[digits]'") from None
-            raise SystemExit("stn-digits: --data digits (scikit-learn's bundled digits, the default) needs "
-                             "scikit-learn: pip install 'stn-triton[digits]', or pass --data a folder of "
-                             "MNIST-format IDX files") from None
         except ImportError as e:
+            missing = isinstance(e, ModuleNotFoundError) and (e.name or "sklearn").split(".")[0] == "sklearn"
+            if missing:
+                raise SystemExit("stn-digits: --data digits (scikit-learn's bundled digits, the default) needs "
+                                 "scikit-learn: pip install 'stn-triton[digits]', or pass --data a folder of "
+                                 "MNIST-format IDX files") from None
             raise SystemExit(f"stn-digits: --data digits: scikit-learn does not import ({e}): reinstall it: "
                              "pip install 'stn-triton[digits]'") from None
         return
