@@ -173,6 +173,13 @@ def _meta_case(job):
         params = [torch.empty(N, K, nd, D, **f32), torch.empty(D, P, **f32)]
     else:
         params = [torch.empty(N, K, *size, nd, **f32)]
+    try:  # revisions whose flow forms take a frame (the field's units and component order) last
+        from stn_triton.kernels.forms import FORMS
+
+        if getattr(FORMS[form], "frame", False):
+            params.append(torch.empty(2 * nd, **f32))
+    except (ImportError, KeyError):
+        pass
     return x, params, size
 
 
@@ -205,7 +212,8 @@ def run_job(job):
                     ops._kernel_forward(job["form"], x, params, size, *opts)
             else:
                 grad_out = new_output(x, params[0].shape[1], *size)
-                needs = [True, True] + [False] * (len(params) - 1)  # input and theta/h/m/grid (the basis is fixed)
+                needs = [True, True] + [False] * (len(params) - 1)  # input and theta/h/m/grid/field (not the basis
+                # or the frame)
                 with RecordTorchOps():
                     ops._kernel_backward(job["form"], grad_out, x, params, size, *opts, needs)
         finally:

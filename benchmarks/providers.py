@@ -21,8 +21,10 @@ kornia's ``warp_affine3d``); a provider without one says why in ``no_3d`` and ge
 Displacement-field cases (``case.field``) run the flow family's providers only (and they run on no
 other case): a smooth field (N[, K], [Do,] Ho, Wo, 2|3) in ``grid_sample``'s units, sampled by ours
 (``st.flow_sample``, the field read in place), by eager PyTorch as registration code does it (the
-identity grid, made once outside the timing, plus the field, then ``F.grid_sample``) and by
-``torch.compile`` of that.
+identity grid, made once outside the timing, plus the field, then ``F.grid_sample``), by
+``torch.compile`` of that, and, on the field as registration networks give it (pixels, index order,
+channels first), by ours and by MONAI's ``Warp`` and VoxelMorph's ``SpatialTransformer`` layers (where
+installed).
 """
 
 import importlib.util
@@ -319,6 +321,55 @@ def _flow_apply(case, dtype, device):
     return apply
 
 
+def _pixels_prepare(params, x, case, dtype=torch.float32):
+    """The drawn field (normalised, (x, y[, z]), grid layout) as a registration network gives it:
+    displacements in input pixels, index order, channels first (N[, K], nd, *size) (VoxelMorph's and
+    MONAI's convention, their align_corners=True scale)."""
+    u = params[0]
+    nd = u.shape[-1]
+    scale = torch.tensor([(s - 1) / 2.0 for s in case.in_size[::-1]], device=u.device)
+    return [(u * scale).flip(-1).movedim(-1, -nd - 1).contiguous().to(dtype)]
+
+
+def _flow_pixels_apply(case, dtype, device):
+    def apply(x, leaves):
+        return st.flow_sample(x, leaves[0], mode=case.sampling, align_corners=True)  # pixels, channels first
+
+    return apply
+
+
+def _monai_apply(case, dtype, device):
+    import warnings
+
+    from monai.networks.blocks import Warp
+
+    with warnings.catch_warnings():  # "Using PyTorch native grid_sample": what is timed, said in the description
+        warnings.simplefilter("ignore", UserWarning)
+        warp = Warp(mode=case.sampling, padding_mode="zeros")
+    nd = len(case.out_size)
+
+    def apply(x, leaves):
+        (u,) = leaves  # in x's dtype (F.grid_sample inside wants one dtype)
+        out = warp(repeat_k(x, case.K), u.reshape(case.N * case.K, nd, *case.out_size))
+        return _unflatten_k(out, case)
+
+    return apply
+
+
+def _voxelmorph_apply(case, dtype, device):
+    from voxelmorph.nn.modules import SpatialTransformer
+
+    warp = SpatialTransformer("nearest" if case.sampling == "nearest" else "linear")  # align_corners=True
+    nd = len(case.out_size)
+
+    def apply(x, leaves):
+        (u,) = leaves  # in x's dtype
+        out = warp(repeat_k(x, case.K), u.reshape(case.N * case.K, nd, *case.out_size))
+        return _unflatten_k(out, case)
+
+    return apply
+
+
 PROVIDERS = {p.name: p for p in (
     Provider("ours-affine", "st.affine_sample: affine grid made inside the fused kernel", "affine", True,
              lambda case, dtype, device: lambda x, leaves: st.affine_sample(x, leaves[0], case.out_size,
@@ -339,6 +390,15 @@ PROVIDERS = {p.name: p for p in (
              prepare=_params_in_input_dtype, cpu_default=False),
     Provider("ours-flow", "st.flow_sample: a displacement field read in place, base grid made in the kernel",
              "flow", True, _flow_apply),
+    Provider("ours-flow-px", "st.flow_sample on the field in pixels, channels first (VoxelMorph's and MONAI's "
+             "convention), read and scaled in the kernel", "flow", True, _flow_pixels_apply, prepare=_pixels_prepare),
+    Provider("monai-warp", "MONAI's Warp layer (reference grid + field in pixels, rescaled, then PyTorch's F.grid_sample)", "flow",
+             False, _monai_apply, prepare=lambda params, x, case: _pixels_prepare(params, x, case, x.dtype),
+             requires="monai", samplings=("bilinear", "nearest")),
+    Provider("voxelmorph", "VoxelMorph's SpatialTransformer layer (voxel grid + field in pixels, rescaled, "
+             "F.grid_sample)", "flow", False, _voxelmorph_apply,
+             prepare=lambda params, x, case: _pixels_prepare(params, x, case, x.dtype), requires="voxelmorph",
+             samplings=("bilinear", "nearest")),
     Provider("eager-flow", "PyTorch eager: identity grid (made once) + field, then F.grid_sample (the field cases' "
              "baseline)", "flow", False, _eager_flow_apply, prepare=_params_in_input_dtype),
     Provider("compile-flow", "torch.compile of eager-flow", "flow", False, _compile_flow_apply,

@@ -13,6 +13,7 @@ import torch
 
 from . import ops
 from .kernels import forms
+from .kernels.flow import frame as _frame
 from ._backend import backend
 
 MODES = ("bilinear", "nearest", "bicubic")  # on 5-D input: trilinear, nearest, tricubic
@@ -247,8 +248,8 @@ FLOW_LAYOUTS = ("channels_first", "grid")
 FLOW_UNITS = ("pixels", "normalized")
 
 
-def flow_sample(input, flow, mode="bilinear", padding_mode="zeros", align_corners=False, layout="channels_first",
-                units="pixels"):
+def flow_sample(input, flow, theta=None, mode="bilinear", padding_mode="zeros", align_corners=False,
+                layout="channels_first", units="pixels"):
     """Warp ``input`` by a dense displacement field: output pixel p samples the input at p + u(p), the
     warp of image registration (VoxelMorph's and MONAI's layers; PyTorch's ``base grid + u`` then
     ``grid_sample``), fused: the field is read at each output pixel, no sampling grid is made.
@@ -256,18 +257,22 @@ def flow_sample(input, flow, mode="bilinear", padding_mode="zeros", align_corner
     ``flow``: one vector per output pixel, its spatial size the output's; K fields per input give
     (N, K, C, ...).
 
+    - ``theta`` (optional): affine maps applied first, ``A x + u(x)`` (an affine pre-alignment and a
+      deformation in one warp): (N, 2, 3) / (N, 3, 4) or with K, in ``affine_grid``'s normalised
+      coordinates; its gradient flows too. K fields and K maps must agree, or either may come without K
+      (shared by the other's K).
     - ``layout="channels_first"``: (N, [K,] 2, Ho, Wo) on 4-D input, (N, [K,] 3, Do, Ho, Wo) on 5-D, as a
       convolution outputs it; ``layout="grid"``: (N, [K,] Ho, Wo, 2) / (N, [K,] Do, Ho, Wo, 3), as
-      ``grid_sample``'s grid. Either is read in place, whatever its strides.
+      ``grid_sample``'s grid.
     - ``units="pixels"``: displacements in input pixels, in index order ((dy, dx); 3-D (dz, dy, dx)):
       VoxelMorph's and MONAI's convention (with ``align_corners=True``, theirs, the results are
-      theirs). Such a field is converted to normalised units in PyTorch first (a field-sized tensor;
-      not yet fused); ``units="normalized"``: ``grid_sample``'s units and (x, y[, z]) order, read as it
-      is (nothing converted, nothing copied).
+      theirs); ``units="normalized"``: ``grid_sample``'s units and (x, y[, z]) order.
 
-    Gradients flow to ``input`` and to ``flow`` (per pixel), forward and backward fused; every mode
-    (``"bicubic"`` on 5-D input is tricubic), padding and ``align_corners``; a deterministic backward
-    under ``torch.use_deterministic_algorithms(True)``.
+    Every layout and unit is read in place, whatever its strides (nothing converted, nothing copied):
+    the kernels scale each component as they read it. Gradients flow to ``input``, to ``flow`` (per
+    pixel, returned in the field's own layout and dtype) and to ``theta``, forward and backward fused;
+    every mode (``"bicubic"`` on 5-D input is tricubic), padding and ``align_corners``; a deterministic
+    backward under ``torch.use_deterministic_algorithms(True)``.
     """
     x = input
     nd = _check_input_nd(x, "input")
@@ -303,8 +308,22 @@ def flow_sample(input, flow, mode="bilinear", padding_mode="zeros", align_corner
         if align_corners and min(sizes) == 1:
             raise ArgumentError(f"units: with align_corners=True an input axis of size 1 has no pixel scale "
                                 f"(input shape {tuple(x.shape)}); pass units='normalized'")
-        scale = [2.0 / (s - 1) if align_corners else 2.0 / s for s in sizes]
-        # index order -> (x, y[, z]) order, pixels -> grid_sample's units: one elementwise pass
-        u = u.flip(-1) * torch.tensor(scale[::-1], dtype=u.dtype, device=u.device)
+        scale = [2.0 / (s - 1) if align_corners else 2.0 / s for s in sizes][::-1]  # (x, y[, z]) order
+        frm = _frame(nd, scale, index_order=True)
+    else:
+        frm = _frame(nd)
+    frm = ops.constant(frm, x.device)
     size = [int(s) for s in u.shape[2:2 + nd]]
-    return _run(forms.find("flow", nd).name, x, (u,), size, mode, padding_mode, align_corners, had_k)
+    if theta is None:
+        return _run(forms.find("flow", nd).name, x, (u, frm), size, mode, padding_mode, align_corners, had_k)
+    f = forms.find("affine_flow", nd)
+    other = forms.find("affine", 5 - nd)
+    theta, theta_k = _check_params("theta", theta, x, (f.rows, f.cols), "affine matrices" + _INPUT[nd][0],
+                                   ((other.rows, other.cols), _INPUT[nd][1]))
+    K = max(theta.shape[1], u.shape[1])
+    if theta_k and had_k and theta.shape[1] != u.shape[1]:
+        raise ArgumentError(f"theta: {theta.shape[1]} affine maps per input do not match the {u.shape[1]} fields of "
+                            "flow (give as many, or give either without K)")
+    theta = theta.expand(theta.shape[0], K, *theta.shape[2:])
+    u = u.expand(u.shape[0], K, *u.shape[2:])  # a shared field is read in place (a zero stride)
+    return _run(f.name, x, (theta, u, frm), size, mode, padding_mode, align_corners, had_k or theta_k)

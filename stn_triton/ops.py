@@ -14,9 +14,15 @@ op                     parameters                                   gradients
 ``affine3d_sample``    ``theta (N, K, 3, 4)``                       x, theta
 ``basis3d_sample``     ``m (N, K, 3, D)``, ``basis (D, Do*Ho*Wo)``  x, m, basis
 ``grid3d_sample``      ``grid (N, K, Do, Ho, Wo, 3)``               x, grid
-``flow_sample``        ``flow (N, K, Ho, Wo, 2)``: base grid + flow  x, flow
-``flow3d_sample``      ``flow (N, K, Do, Ho, Wo, 3)``               x, flow
+``flow_sample``        ``flow (N, K, Ho, Wo, 2)``, ``frame (4,)``   x, flow
+``affine_flow_sample`` ``theta (N, K, 2, 3)``, ``flow``, ``frame``  x, theta, flow
+``flow3d_sample``      ``flow (N, K, Do, Ho, Wo, 3)``, ``frame (6,)``  x, flow
+``affine_flow3d_sample``  ``theta (N, K, 3, 4)``, ``flow``, ``frame``  x, theta, flow
 =====================  ===========================================  =========================
+
+The flow forms sample at the base grid (or ``theta``'s affine grid) plus the field ``flow`` read through
+its ``frame`` (per axis a scale and the component holding it: :mod:`stn_triton.kernels.flow`); the
+field's gradient comes back in the field's own layout (strides) and dtype.
 
 The 3-D ops take a 5-D input ``x (N, C, D, H, W)``, ``size = [Do, Ho, Wo]``, and return
 ``(N, K, C, Do, Ho, Wo)`` (``mode="bilinear"`` is trilinear, as in PyTorch).
@@ -46,27 +52,47 @@ def _new_output(form, x, K, size):
     return launch.new_output(x, K, *size)
 
 
-_STAND_IN = {}  # device -> a float32 [1]: the parameter row the per-pixel forms are given and never read
+_CONSTANTS = {}  # (device, values) -> a float32 tensor of those values, made once
 
 
-def _stand_in(device):
-    """One per device, made once: a fresh one per call would be one more (fill) launch per call."""
-    t = _STAND_IN.get(device)
+def constant(values, device):
+    """A small float32 tensor of ``values`` on ``device``, made once: the per-pixel forms' parameter row
+    (the grid's never-read stand-in, a field's frame). A fresh one per call would be a copy from the
+    host (waiting for the device) or a fill launch per call; under ``torch.compile`` it is a constant."""
+    values = tuple(float(v) for v in values)
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    key = (torch.device(device), values)
+    t = _CONSTANTS.get(key)
     if t is None:
-        t = _STAND_IN[device] = torch.zeros(1, dtype=torch.float32, device=device)
+        if len(_CONSTANTS) >= 256:  # frames depend on input sizes: keep the table small
+            _CONSTANTS.clear()
+        t = _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device)
     return t
 
 
+def _stand_in(device):
+    """The parameter row of the grid forms (never read)."""
+    return constant((0.0,), device)
+
+
 def _kernel_params(form, params):
-    """(prm float32 (N*K, R) contiguous, aux, DM) as the kernels take them."""
+    """(prm float32 (N*K, R) contiguous, or one row (1, R) shared by every transform; aux; DM) as the
+    kernels take them: the matrix's row, then the frame (if any); aux is B (basis forms) or the
+    per-pixel parameter."""
     f, p0 = FORMS[form], params[0]
-    if f.per_pixel:
-        return _stand_in(p0.device), p0, 0
+    aux = params[f.field] if f.per_pixel else None
+    frm = params[-1].reshape(1, -1).to(torch.float32) if f.frame else None
+    if f.shared_row:
+        return (frm.contiguous() if frm is not None else _stand_in(p0.device)), aux, 0
     NK = p0.shape[0] * p0.shape[1]
-    prm = p0.reshape(NK, p0.shape[2:].numel()).to(torch.float32).contiguous()
+    prm = p0.reshape(NK, p0.shape[2:].numel()).to(torch.float32)
+    if frm is not None:
+        prm = torch.cat([prm, frm.expand(NK, frm.shape[1])], dim=1)
+    prm = prm.contiguous()
     if f.basis:
         return prm, params[1].to(torch.float32).contiguous(), p0.shape[-1]
-    return prm, prm, 0
+    return prm, (aux if aux is not None else prm), 0
 
 
 def _forward(form, x, params, size, mode, padding_mode, align_corners):
@@ -100,32 +126,39 @@ def _reference_backward(form, grad_out, x, params, size, mode, padding_mode, ali
 
     _, vjp = torch.func.vjp(fn, x, *params)
     grads = []
-    for i, (t, g, need) in enumerate(zip((x, *params), vjp(grad_out), needs)):
+    like = _like(form, len(params))
+    for t, g, need, same in zip((x, *params), vjp(grad_out), needs, like):
         # the layouts the kernel path returns and the fake implementation promises
-        grads.append((torch.empty_like(t).copy_(g) if i == 0 else g.contiguous()) if need else None)
+        grads.append((torch.empty_like(t).copy_(g) if same else g.contiguous()) if need else None)
     return grads
 
 
 def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
-    """The kernels' gradients of any form, 2-D or 3-D: [dL/dx, dL/dparams[0], (dL/dB)]."""
+    """The kernels' gradients of any form, 2-D or 3-D: one per tensor in (x, *params), None for the
+    frame."""
     f = FORMS[form]
     prm, aux, DM = _kernel_params(form, params)
-    need_x, need_p0 = needs[0], needs[1]
+    need_x = needs[0]
+    need_m = not f.shared_row and needs[1]  # the matrix (theta, h, m)
+    need_field = f.per_pixel and needs[1 + f.field]
     need_basis = f.basis and needs[2]
+    if f.frame and needs[len(params)]:
+        raise NotImplementedError(f"{form}_sample: the kernels compute no gradient for the frame; pass a frame "
+                                  "that does not require grad")
     grad_x, grad_prm, gg = launch.sample_backward(
         form, grad_out, x, prm, aux, _num_k(params), size, DM, mode, padding_mode, align_corners,
-        need_x=need_x, need_param=need_p0 and not f.per_pixel, need_gg=(f.per_pixel and need_p0) or need_basis,
+        need_x=need_x, need_param=need_m, need_gg=need_field or need_basis,
     )
-    p0 = params[0]
-    g0 = (gg if f.per_pixel else grad_prm).reshape(p0.shape).to(p0.dtype) if need_p0 else None
-    grads = [grad_x, g0]
-    if f.basis:
-        if not need_basis:
-            grads.append(None)
-        elif x.shape[1] * prm.shape[0] == 0:  # an empty output: dL/dB is zero, no kernel runs
-            grads.append(torch.zeros_like(params[1]))
+    grads = [grad_x] + [None] * len(params)
+    if need_m:
+        grads[1] = grad_prm.reshape(params[0].shape).to(params[0].dtype)
+    if need_field:
+        grads[1 + f.field] = gg  # in the field's dtype and layout (see launch.sample_backward)
+    if need_basis:
+        if x.shape[1] * prm.shape[0] == 0:  # an empty output: dL/dB is zero, no kernel runs
+            grads[2] = torch.zeros_like(params[1])
         else:
-            grads.append(launch.basis_grad(prm, gg, DM, gg.shape[1]).to(params[1].dtype))
+            grads[2] = launch.basis_grad(prm, gg, DM, gg.shape[1]).to(params[1].dtype)
     return grads
 
 
@@ -159,11 +192,18 @@ def _fake_forward(form, x, params, size, mode, padding_mode, align_corners):
     return _new_output(form, x, _num_k(params), size)
 
 
+def _like(form, n):
+    """Which of (x, *params) get their gradient in their own layout (``torch.empty_like``): x, and a
+    per-pixel parameter; the others' are contiguous."""
+    f = FORMS[form]
+    return [True] + [i == f.field for i in range(n)]
+
+
 def _fake_backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
     needs = list(needs) + [False] * (1 + len(params) - len(needs))
-    out = [torch.empty_like(x) if needs[0] else x.new_empty(0)]
-    for t, need in zip(params, needs[1:]):
-        out.append(t.new_empty(t.shape) if need else t.new_empty(0))
+    out = []
+    for t, need, same in zip((x, *params), needs, _like(form, len(params))):
+        out.append((torch.empty_like(t) if same else t.new_empty(t.shape)) if need else t.new_empty(0))
     return tuple(out)
 
 
@@ -258,3 +298,5 @@ basis3d_sample, basis3d_sample_backward = OPS["basis3d"]
 grid3d_sample, grid3d_sample_backward = OPS["grid3d"]
 flow_sample, flow_sample_backward = OPS["flow"]
 flow3d_sample, flow3d_sample_backward = OPS["flow3d"]
+affine_flow_sample, affine_flow_sample_backward = OPS["affine_flow"]
+affine_flow3d_sample, affine_flow3d_sample_backward = OPS["affine_flow3d"]

@@ -41,7 +41,8 @@ def compose_flows(first, second, mode="bilinear", padding_mode="zeros", align_co
     if first.device != second.device:
         raise ArgumentError(f"second: expected a tensor on {first.device} (the device of first), got {second.device}")
     img = _field_image(first, layout)
-    warped = flow_sample(img, second, mode, padding_mode, align_corners, layout=layout, units=units)
+    warped = flow_sample(img, second, mode=mode, padding_mode=padding_mode, align_corners=align_corners, layout=layout,
+                         units=units)
     return second + _as_layout(warped, layout)
 
 
@@ -64,10 +65,12 @@ class FlowWarp(nn.Module):
     """A warp layer: ``layer(source, flow)`` is :func:`~stn_triton.flow_sample` with the layer's options.
 
     With its defaults (fields channels first, in pixels, index order; ``align_corners=True``) it is a
-    drop-in for VoxelMorph's ``SpatialTransformer(size, mode)``: ``FlowWarp(size, mode)(src, flow)`` gives
-    its result; ``FlowWarp(mode=m, padding_mode="border")`` is MONAI's ``Warp(m)``. ``size`` (optional)
-    is the fields' spatial size, checked at each call; no grid buffer is kept (the kernel makes each
-    pixel's base point)."""
+    drop-in for VoxelMorph's ``SpatialTransformer(size, mode)`` (its older form) and
+    ``SpatialTransformer()`` (today's): ``FlowWarp(size, mode)(src, flow)`` gives their result;
+    ``FlowWarp(mode=m, padding_mode="border")`` is MONAI's ``Warp(m)``. ``size`` (optional) is the fields'
+    spatial size, checked at each call; no grid buffer is kept (the kernel makes each pixel's base
+    point). ``layer(source, flow, theta)`` warps by the affine maps ``theta`` and the field together
+    (``A x + u(x)``, :func:`~stn_triton.flow_sample`)."""
 
     def __init__(self, size=None, mode="bilinear", padding_mode="zeros", align_corners=True,
                  layout="channels_first", units="pixels"):
@@ -79,15 +82,15 @@ class FlowWarp(nn.Module):
         self.size, self.mode, self.padding_mode, self.align_corners = size, mode, padding_mode, align_corners
         self.layout, self.units = layout, units
 
-    def forward(self, source, flow):
+    def forward(self, source, flow, theta=None):
         if self.size is not None:
             nd = len(self.size)
             got = tuple(flow.shape[-nd:] if self.layout == "channels_first" else flow.shape[-nd - 1:-1])
             if got != self.size:
                 raise ArgumentError(f"flow: expected the spatial size {self.size} this layer was made for, got "
                                     f"{got} (shape {tuple(flow.shape)})")
-        return flow_sample(source, flow, self.mode, self.padding_mode, self.align_corners, layout=self.layout,
-                           units=self.units)
+        return flow_sample(source, flow, theta, mode=self.mode, padding_mode=self.padding_mode,
+                           align_corners=self.align_corners, layout=self.layout, units=self.units)
 
     def extra_repr(self):
         return (f"size={self.size}, mode={self.mode!r}, padding_mode={self.padding_mode!r}, "

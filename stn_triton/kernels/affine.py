@@ -27,7 +27,7 @@ from .common import stack8, stack16
 
 
 @triton.jit
-def affine_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, NDIM: tl.constexpr):
+def affine_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.constexpr):
     # p_m: float32 [NDIM * (NDIM + 1)], M row-major for this (n, k); b: (x, y, z) [BP] base grid
     x, y, z = b
     if NDIM == 2:

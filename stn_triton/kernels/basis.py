@@ -21,7 +21,7 @@ import triton.language as tl
 
 
 @triton.jit
-def basis_coords(p_m, p_b, p_pix, s_ac, q, b, mask_p, P, DM, NDIM: tl.constexpr):
+def basis_coords(p_m, p_b, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.constexpr):
     # p_m: float32 [NDIM, DM] for this (n, k); p_b: float32 B [DM, P] contiguous; q: [BP] pixel index
     gx = tl.zeros(q.shape, tl.float32)
     gy = tl.zeros(q.shape, tl.float32)

@@ -228,3 +228,32 @@ def stack8(a, b, c, d, e, f, g, h):
 def stack16(a, b, c, d, e, f, g, h, i, j, k, l, m, n, o, p):
     """[BP] x 16 -> [BP, 16] in argument order."""
     return tl.reshape(tl.join(stack8(a, c, e, g, i, k, m, o), stack8(b, d, f, h, j, l, n, p)), [a.shape[0], 16])
+
+
+@triton.jit
+def field_frame(p_prm, FRAME: tl.constexpr, NDIM: tl.constexpr):
+    """A displacement field's frame (:mod:`stn_triton.kernels.flow`), at ``FRAME`` in the parameter row
+    ``p_prm``, as ``(sx, sy, sz, cx, cy, cz)``: per grid axis (x, y, z) the scale to normalised units and
+    the field component holding that axis (stored as floats). Loaded once per program by the kernels
+    and handed to the form's coordinate map. ``FRAME`` -1 (no frame): unit scales, components in order.
+    2-D: the z entries are stand-ins."""
+    if FRAME >= 0:
+        p_f = p_prm + FRAME
+        sx = tl.load(p_f + 0)
+        sy = tl.load(p_f + 1)
+        cx = tl.load(p_f + NDIM + 0).to(tl.int32)
+        cy = tl.load(p_f + NDIM + 1).to(tl.int32)
+        if NDIM == 3:
+            sz = tl.load(p_f + 2)
+            cz = tl.load(p_f + 5).to(tl.int32)
+        else:
+            sz = sx
+            cz = cx
+    else:
+        sx = 1.0
+        sy = 1.0
+        sz = 1.0
+        cx = 0
+        cy = 1
+        cz = 2
+    return sx, sy, sz, cx, cy, cz

@@ -328,8 +328,9 @@ def _rows(t, nb, K):
 class _Problem:
     """One sampling problem as every kernel takes it: 2-D and 3-D alike, the 2-D one with a depth of 1
     (``D = Do = 1``, zero depth strides). ``form``: a row of :data:`~.forms.FORMS`; ``prm``: float32
-    (N*K, R) contiguous (a stand-in for the grid form); ``aux``: B (DM, P) float32 (basis forms) or
-    the grid (N, K, *size, ndim) (grid forms)."""
+    (N*K, R) contiguous, or one row for every transform (forms without a matrix: a stand-in, or a
+    field's frame); ``aux``: B (DM, P) float32 (basis forms) or the per-pixel parameter
+    (N, K, *size, ndim), any strides (grid and flow forms)."""
 
     def __init__(self, form, x, prm, aux, K, size, DM, mode, padding_mode, align_corners):
         if isinstance(form, str):
@@ -345,7 +346,9 @@ class _Problem:
         self.D, self.H, self.W = ([1] + list(x.shape[2:]))[-3:]
         self.Do, self.Ho, self.Wo = ([1] + self.size)[-3:]
         self.P = self.Do * self.Ho * self.Wo
-        self.R = prm.shape[1] if (prm.dim() == 2 and not form.per_pixel) else 0
+        self.R = 0 if form.shared_row else prm.shape[1]  # the row stride: 0 when one row serves all
+        # the parameter-gradient columns: the matrix (the frame after it has none)
+        self.n_terms = form.frame_at if form.frame else self.R
         self.mode, self.padding_mode, self.align_corners = mode, padding_mode, bool(align_corners)
         self.geometry = _geometry(self.size, align_corners)
 
@@ -361,14 +364,25 @@ class _Problem:
         """The aux tensor for the batch slice ``nb`` and its (n, k, d, h, w, component) strides."""
         if self.form.per_pixel:
             a = self.aux[nb]
-            return a, (tuple(a.stride()) if self.ndim == 3 else _with_depth(a.stride(), 2))
+            return a, self.grid_strides(a)
         return self.aux, (0, 0, 0, 0, 0, 0)
 
     def prm_rows(self, nb):
-        return self.prm if self.form.per_pixel else _rows(self.prm, nb, self.K)
+        return self.prm if self.form.shared_row else _rows(self.prm, nb, self.K)
+
+    def field_grad(self):
+        """dL/dg's buffer: the per-pixel parameter's gradient in its dtype and layout (``empty_like``:
+        its strides when they are dense, else contiguous), or (N, K, *size, ndim) float32 for dL/dB."""
+        if self.form.per_pixel:
+            return _empty_like(self.aux)
+        return _empty((self.N, self.K, *self.size, self.ndim), torch.float32, self.x.device)
+
+    def grid_strides(self, t):
+        """(n, k, d, h, w, component) strides of a per-pixel tensor (N, K, *size, ndim)."""
+        return tuple(t.stride()) if self.ndim == 3 else _with_depth(t.stride(), 2)
 
     def consts(self):
-        return dict(COORDS=self.form.coords, NDIM=self.ndim, MODE=MODE_CODES[self.mode],
+        return dict(COORDS=self.form.coords, FRAME=self.form.frame_at, NDIM=self.ndim, MODE=MODE_CODES[self.mode],
                     PAD=PADDING_CODES[self.padding_mode], ALIGN=self.align_corners,
                     NT=TAPS_PER_AXIS[self.mode], FMA=_true_fma(self.x.device))
 
@@ -460,8 +474,9 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
                     need_x, need_param, need_gg):
     """Launch the backward kernel(s), 2-D or 3-D.
 
-    Returns (dL/dx in x's dtype and layout or None, dL/dprm float32 (N*K, R) or None,
-    dL/dg float32 (N*K, P, ndim) or None).
+    Returns (dL/dx in x's dtype and layout or None, dL/dprm float32 (N*K, R') or None (R': the
+    matrix's columns), and, if ``need_gg``, the per-pixel parameter's gradient (dL/dg times the frame's
+    scale, in that parameter's dtype and layout) or, for basis forms, dL/dg float32 (N*K, P, ndim)).
     """
     pb = _Problem(form, x, prm, aux, K, size, DM, mode, padding_mode, align_corners)
     N, C, R, nd = pb.N, pb.C, pb.R, pb.ndim
@@ -469,9 +484,10 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
     dev = x.device
     _check_k(K)
     if NK * C * P == 0:  # an empty output: every gradient is zero (or empty), and no kernel runs
+        gg = pb.field_grad().zero_() if need_gg else None
         return (torch.zeros_like(x) if need_x else None,
-                torch.zeros((NK, R), dtype=torch.float32, device=dev) if need_param else None,
-                torch.zeros((NK, P, nd), dtype=torch.float32, device=dev) if need_gg else None)
+                torch.zeros((NK, pb.n_terms), dtype=torch.float32, device=dev) if need_param else None,
+                gg if pb.form.per_pixel or gg is None else gg.reshape(NK, P, nd))
     deterministic = torch.are_deterministic_algorithms_enabled()
     p = plan(x, pb.Do * pb.Ho, pb.Wo, backward=True, mode=mode, per_tile=pb.form.per_tile)
 
@@ -489,14 +505,14 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
     tpp = tiles_per_program(pb.form, p, C, K, N)
     NPROG = max(p.n_programs(bp, tpp) for bp, _ in _choices(p, dev))
     part = _empty((NK, NPROG, R), torch.float32, dev) if need_param else None
-    gg = _empty((NK, P, nd), torch.float32, dev) if need_gg else None
+    gg = pb.field_grad() if need_gg else None
     bp = p.block_p
     if atomics or need_param or need_gg:
         nacc = pb.form.nacc
         consts = dict(pb.consts(), TERMS=pb.form.terms, NACC=nacc, NEED_X=atomics, NEED_G=want_g,
                       NEED_PARAM=part is not None, WRITE_GG=need_gg,
-                      INT64=_int64(x, grad_out, grad_x, aux if pb.form.per_pixel else None,
-                                   extra=NK * max(nd * P, NPROG * R)),
+                      INT64=_int64(x, grad_out, grad_x, aux if pb.form.per_pixel else None, gg,
+                                   extra=NK * NPROG * R),
                       BLOCK_C=p.block_c)
         key = pb.key(p.block_c, atomics, half, need_param, need_gg)
         for nb in _batches(N):
@@ -504,9 +520,11 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
             auxb, s_a = pb.aux_args(nb)
             d_buf = grad_x[nb] if atomics else prm[:1]  # a harmless stand-in when NEED_X is off
             d_strides = pb.x_strides(d_buf if atomics else xb)
+            ggb = gg[nb] if gg is not None else None
             args = (xb, gob, d_buf, pb.prm_rows(nb), auxb,
-                    _rows(part, nb, K) if part is not None else prm, _rows(gg, nb, K) if gg is not None else prm,
+                    _rows(part, nb, K) if part is not None else prm, ggb if ggb is not None else prm,
                     *pb.x_strides(xb), *pb.out_strides(gob), *d_strides, *s_a,
+                    *(pb.grid_strides(ggb) if ggb is not None else (0,) * 6),
                     C, *pb.sizes(), NPROG, p.n_ctiles, *pb.geometry)
             bp, _ = _launch(sample_bwd_kernel, p, (K, nb.stop - nb.start), args, consts, dev, key,
                             reset=[d_buf] if atomics else None, tpp=tpp)
@@ -514,7 +532,9 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
         grad_x = grad_x.to(x.dtype)
     grad_prm = None
     if need_param:  # the tiles of the shape launched, summed in a fixed order
-        grad_prm = part[:, :p.n_programs(bp, tpp)].sum(dim=1)
+        grad_prm = part[:, :p.n_programs(bp, tpp), :pb.n_terms].sum(dim=1)
+    if gg is not None and not pb.form.per_pixel:
+        gg = gg.reshape(NK, P, nd)
     return grad_x, grad_prm, gg
 
 

@@ -25,7 +25,7 @@ from .common import stack16
 
 
 @triton.jit
-def projective_coords(p_h, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, NDIM: tl.constexpr):
+def projective_coords(p_h, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.constexpr):
     # p_h: float32 [9], H row-major for this (n, k); b: (x, y, -) [BP] base grid
     tl.static_assert(NDIM == 2, "the projective form is 2-D")
     x, y, _ = b

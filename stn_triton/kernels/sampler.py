@@ -52,7 +52,8 @@ import triton
 import triton.language as tl
 
 from .codes import MODE_CUBIC, MODE_LINEAR, MODE_NEAREST
-from .common import cubic_coefficients, cubic_coefficients_grad, cubic_source, cubic_tap, round_half_even, source_index
+from .common import (cubic_coefficients, cubic_coefficients_grad, cubic_source, cubic_tap, field_frame, round_half_even,
+                     source_index)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ def _split(q, inner, NDIM: tl.constexpr):
 
 @triton.jit
 def _coords(COORDS: tl.constexpr, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s_ac, r, j, mask_p, Ho, Wo, P, DM,
-            bsx, box, bsy, boy, bsz, boz, NDIM: tl.constexpr):
+            bsx, box, bsy, boy, bsz, boz, frame, NDIM: tl.constexpr):
     """Each pixel's depth ``d`` and row ``i`` (``d`` is a stand-in in 2-D), the base grid ``b`` = (x, y, z)
     (``affine_grid``'s, from the index), and the form's normalised coordinate ``g`` = (gx, gy, gz) and
     extra value ``w`` (the projective denominator; a stand-in elsewhere). 2-D: z and gz are stand-ins."""
@@ -114,7 +115,7 @@ def _coords(COORDS: tl.constexpr, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s
         z = x
     b = (x, y, z)
     g, w = COORDS(p_prm_nk, p_aux, p_aux_nk + _offset(d, i, j, s_ad, s_ah, s_aw, NDIM), s_ac, r * Wo + j, b,
-                  mask_p, P, DM, NDIM)
+                  mask_p, P, DM, frame, NDIM)
     return d, i, b, g, w
 
 
@@ -307,14 +308,17 @@ def _fwd_row(r, v, p_x, o_c, ox, mx, wx, oy, my, wy, ey, oz, mz, wz, ez, mask_c,
 def sample_fwd_kernel(
     p_x,    # input U [N, C, (D,) H, W], strides s_x* (any layout; s_xd unused in 2-D)
     p_out,  # output V [N, K, C, (Do,) Ho, Wo], strides s_o*
-    p_prm,  # float32 [N*K, R]: the form's matrix (affine 6 / 12, projective 9, basis NDIM*DM)
-    p_aux,  # basis: float32 B [DM, P]; grid: grid [N, K, (Do,) Ho, Wo, NDIM], strides s_a*; else unused
+    p_prm,  # float32 [N*K, R]: the form's matrix (affine 6 / 12, projective 9, basis NDIM*DM), then a field's
+            # frame; R = 0: one row for all (a field's frame; the grid's stand-in)
+    p_aux,  # basis: float32 B [DM, P]; grid, flow: the per-pixel tensor [N, K, (Do,) Ho, Wo, NDIM], strides
+            # s_a*; else unused
     s_xn, s_xc, s_xd, s_xh, s_xw,
     s_on, s_ok, s_oc, s_od, s_oh, s_ow,
     s_an, s_ak, s_ad, s_ah, s_aw, s_ac,
     C, D, H, W, K, Do, Ho, Wo, DM, R,
     bsx, box, bsy, boy, bsz, boz,  # base grid x_j = bsx * j + box, y_i = bsy * i + boy, z_d = bsz * d + boz
     COORDS: tl.constexpr,   # the form's coordinate map (a @triton.jit function)
+    FRAME: tl.constexpr,    # where a field's frame starts in the parameter row (-1: none)
     NDIM: tl.constexpr,     # 2 or 3
     MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr,
     NT: tl.constexpr,       # taps per axis: 2 linear, 1 nearest, 4 cubic
@@ -330,8 +334,9 @@ def sample_fwd_kernel(
         return
     P = Do * Ho * Wo
     nk = n * K + k
+    frame = field_frame(p_prm + nk * R, FRAME, NDIM)
     d, i, b, g, w = _coords(COORDS, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, s_ad, s_ah, s_aw, s_ac,
-                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, NDIM)
+                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, frame, NDIM)
     ax, ay, az, _ = _taps(g, mask_p, W, H, D, s_xw, s_xh, s_xd, s_xw, s_xh, s_xd, MODE, PAD, ALIGN, FMA, INT64,
                           NDIM, False, True)
     ox, _, mx, wx, _ = ax
@@ -422,6 +427,17 @@ def _bwd_row(r, h_x, h_y, h_z, go, p_gc, p_x, o_c, ox, dx, mx, wx, ex, oy, dy, m
 
 
 @triton.jit
+def _store_gg(p, s_qc, gg, frame, mask_p, NDIM: tl.constexpr):
+    """Store dL/dg at ``p`` ([BP] pointers, components ``s_qc`` apart) through a field's frame: axis a's
+    gradient times its scale, into the component that holds it (no frame: as it is, in order)."""
+    sx, sy, sz, cx, cy, cz = frame
+    tl.store(p + cx * s_qc, gg[0] * sx, mask=mask_p)
+    tl.store(p + cy * s_qc, gg[1] * sy, mask=mask_p)
+    if NDIM == 3:
+        tl.store(p + cz * s_qc, gg[2] * sz, mask=mask_p)
+
+
+@triton.jit
 def sample_bwd_kernel(
     p_x,     # input U [N, C, (D,) H, W], strides s_x*
     p_go,    # incoming gradient dL/dV [N, K, C, (Do,) Ho, Wo], strides s_g*
@@ -429,16 +445,19 @@ def sample_bwd_kernel(
     p_prm,   # float32 [N*K, R], as in the forward
     p_aux,   # as in the forward
     p_part,  # out: float32 [N*K, NPROG, R] dL/dprm summed over each program's pixels (if NEED_PARAM)
-    p_gg,    # out: float32 [N*K, P, NDIM] dL/dg (if WRITE_GG)
+    p_gg,    # out: dL/dg [N, K, (Do,) Ho, Wo, NDIM], strides s_q*, any float dtype (if WRITE_GG): a per-pixel
+             # parameter's gradient (times its frame's scale, into its components), or dL/dg for dL/dB
     s_xn, s_xc, s_xd, s_xh, s_xw,
     s_gn, s_gk, s_gc, s_gd, s_gh, s_gw,
     s_dn, s_dc, s_dd, s_dh, s_dw,
     s_an, s_ak, s_ad, s_ah, s_aw, s_ac,
+    s_qn, s_qk, s_qd, s_qh, s_qw, s_qc,
     C, D, H, W, K, Do, Ho, Wo, DM, R,
     NPROG,  # programs with pixels per (n, k): the partials' row length
     NCT,    # column tiles
     bsx, box, bsy, boy, bsz, boz,
     COORDS: tl.constexpr,   # the form's coordinate map
+    FRAME: tl.constexpr,    # where a field's frame starts in the parameter row (-1: none, dL/dg is stored as is)
     TERMS: tl.constexpr,    # the form's parameter-gradient terms (adds a [BP, NACC] block, or stores per tile)
     NACC: tl.constexpr,     # the terms block's width (a power of two >= R); 0: the form stores per tile
     NDIM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, NT: tl.constexpr,
@@ -462,6 +481,7 @@ def sample_bwd_kernel(
     P = R_OUT * Wo
     nk = n * K + k
     p_prm_nk = p_prm + nk * R
+    frame = field_frame(p_prm_nk, FRAME, NDIM)  # once per program, not once per tile
     p_aux_nk = p_aux + n * s_an + k * s_ak
     p_xn = p_x + n * s_xn
     p_gxn = p_gx + n * s_dn
@@ -477,7 +497,7 @@ def sample_bwd_kernel(
         r = r0 + (grp * (TPP - 1) + t) * TILE_H  # tile row grp * TPP + t (r0 is tile row grp's)
         mask_p = (r < R_OUT) & (j < Wo)
         d, i, b, g, w = _coords(COORDS, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s_ac, r, j, mask_p, Ho, Wo, P,
-                                DM, bsx, box, bsy, boy, bsz, boz, NDIM)
+                                DM, bsx, box, bsy, boy, bsz, boz, frame, NDIM)
         ax, ay, az, di = _taps(g, mask_p, W, H, D, s_xw, s_xh, s_xd, s_dw, s_dh, s_dd, MODE, PAD, ALIGN, FMA, INT64,
                                NDIM, NEED_X, True)
         ox, dx, mx, wx, ex = ax
@@ -518,11 +538,8 @@ def sample_bwd_kernel(
         gg = (tl.where(mask_p, g_ix * di[0], 0.0), tl.where(mask_p, g_iy * di[1], 0.0),
               tl.where(mask_p, g_iz * di[2], 0.0))  # dL/dg [BP] per axis
         if WRITE_GG:
-            o_p = (nk * P + r * Wo + j) * NDIM
-            tl.store(p_gg + o_p, gg[0], mask=mask_p)
-            tl.store(p_gg + o_p + 1, gg[1], mask=mask_p)
-            if NDIM == 3:
-                tl.store(p_gg + o_p + 2, gg[2], mask=mask_p)
+            _store_gg(p_gg + n * s_qn + k * s_qk + _offset(d, i, j, s_qd, s_qh, s_qw, NDIM), s_qc, gg, frame,
+                      mask_p, NDIM)
         if NEED_PARAM:
             acc = TERMS(acc, p_part_i, p_aux, r * Wo + j, mask_p, P, DM, b, g, w, gg, NDIM)
     if NEED_PARAM:
@@ -567,8 +584,8 @@ def tap_index_kernel(
     s_an, s_ak, s_ad, s_ah, s_aw, s_ac,
     D, H, W, K, Do, Ho, Wo, DM, R,
     bsx, box, bsy, boy, bsz, boz,
-    COORDS: tl.constexpr, NDIM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr,
-    NT: tl.constexpr, FMA: tl.constexpr, INT64: tl.constexpr,
+    COORDS: tl.constexpr, FRAME: tl.constexpr, NDIM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr,
+    ALIGN: tl.constexpr, NT: tl.constexpr, FMA: tl.constexpr, INT64: tl.constexpr,
     LOG2_NC: tl.constexpr,  # log2 of the taps per pixel (NT ** NDIM)
     LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -577,8 +594,9 @@ def tap_index_kernel(
         return
     P = Do * Ho * Wo
     nk = n * K + k
+    frame = field_frame(p_prm + nk * R, FRAME, NDIM)
     d, i, b, g, w = _coords(COORDS, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, s_ad, s_ah, s_aw, s_ac,
-                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, NDIM)
+                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, frame, NDIM)
     o_pix = nk * P + r * Wo + j  # [BP] this pixel's entry in p_goff
     o_e = o_pix << LOG2_NC  # entry of tap 0
     # stored before the taps are made, so that d, i and j are dead by then

@@ -34,8 +34,9 @@ def test_cpu_defaults():
     assert [c.name for c in cfg.cases] == ["mnist", "svhn"]
     assert [c.N for c in cfg.cases] == [16, 8]  # shrunk by the CPU's default --batch-scale 1/16
     # compile is slow on the CPU; the flow providers run on displacement-field cases only
-    assert cfg.providers == [n for n in PROVIDERS if n not in ("compile", "compile-flow", "ours-flow", "eager-flow")]
-    assert _config("--cases", "field-2d").providers == ["ours-flow", "eager-flow"]
+    flow = ["ours-flow", "ours-flow-px", "monai-warp", "voxelmorph", "eager-flow"]
+    assert cfg.providers == [n for n in PROVIDERS if n not in ["compile", "compile-flow"] + flow]
+    assert _config("--cases", "field-2d").providers == flow
     assert cfg.modes == ["fwd", "bwd", "fwd+bwd", "bwd-det"]
     assert cfg.dtypes == ["float32", "bfloat16"]
     assert (cfg.warmup_ms, cfg.rep_ms, cfg.device) == (25.0, 100.0, CPU)
@@ -151,7 +152,9 @@ def test_affine_providers_compute_the_same_transform(spec):
 @pytest.mark.parametrize("spec", ["N=2,C=3,H=9,W=11,K=2,field=1", "N=1,C=2,D=4,H=5,W=6,field=1"], ids=["2d-K2", "3d"])
 def test_flow_providers_compute_the_same_warp(spec):
     """On a displacement-field case: ours (the field read in place) samples where eager's identity grid
-    plus the field does; the field cases get the flow providers' rows only, the others none of them."""
+    plus the field does, and ours on the field in pixels, channels first, where MONAI's Warp and
+    VoxelMorph's SpatialTransformer do; the
+    field cases get the flow providers' rows only, the others none of them."""
     case = parse_case_spec(spec)
     assert case.field and case.name.endswith("-field")
     g = torch.Generator().manual_seed(1)
@@ -159,8 +162,11 @@ def test_flow_providers_compute_the_same_warp(spec):
     params = draw_params("flow", case, CPU, g)
     assert params[0].shape == (*((case.N,) if case.K == 1 else (case.N, case.K)), *case.out_size, len(case.out_size))
     outs = {n: PROVIDERS[n].build(case, "float32", CPU)(x, PROVIDERS[n].leaves(params, x, case))
-            for n in ("ours-flow", "eager-flow")}
+            for n in ("ours-flow", "eager-flow", "ours-flow-px", "monai-warp", "voxelmorph")}
     torch.testing.assert_close(outs["ours-flow"], outs["eager-flow"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["ours-flow-px"], outs["monai-warp"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(outs["ours-flow-px"], outs["voxelmorph"], rtol=1e-4, atol=1e-4)
+    assert (outs["ours-flow-px"] - outs["ours-flow"]).abs().max() > 1e-3  # another convention: not the same warp
     for p in PROVIDERS.values():
         p.reset()
     cfg = runner.RunConfig(cases=[case, parse_case_spec(TINY)], providers=list(PROVIDERS), modes=["fwd"],
@@ -168,8 +174,9 @@ def test_flow_providers_compute_the_same_warp(spec):
     by_case = {}
     for c, _, name, _ in runner.plan(cfg):
         by_case.setdefault(c.name, set()).add(name)
-    assert by_case[case.name] == {"ours-flow", "eager-flow", "compile-flow"}
-    assert not by_case[parse_case_spec(TINY).name] & {"ours-flow", "eager-flow", "compile-flow"}
+    flow = {"ours-flow", "ours-flow-px", "monai-warp", "voxelmorph", "eager-flow", "compile-flow"}
+    assert by_case[case.name] == flow
+    assert not by_case[parse_case_spec(TINY).name] & flow
     assert min_bytes(case, "float32", "fwd", "flow") == (x.numel() + case.output_numel + params[0].numel()) * 4
 
 

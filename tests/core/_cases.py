@@ -8,12 +8,13 @@ import torch.nn.functional as F
 
 import stn_triton as st
 from stn_triton import reference
+from stn_triton.kernels import flow as flow_form
 from stn_triton.kernels.forms import FORMS as TABLE
 
 # the displacement-field forms (flow, flow3d) are the grid forms' kernels with the base grid added to
 # the coordinate: tests/core/test_flow.py checks them in a matrix of their own, not in every one here
-FORMS = tuple(name for name, f in TABLE.items() if f.ndim == 2 and f.kind != "flow")  # affine, projective, basis, grid
-FORMS3 = tuple(name for name, f in TABLE.items() if f.ndim == 3 and f.kind != "flow")  # affine3d, basis3d, grid3d
+FORMS = tuple(name for name, f in TABLE.items() if f.ndim == 2 and not f.frame)  # affine, projective, basis, grid
+FORMS3 = tuple(name for name, f in TABLE.items() if f.ndim == 3 and not f.frame)  # affine3d, basis3d, grid3d
 MODES = ("bilinear", "nearest")
 PADDINGS = ("zeros", "border", "reflection")
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -78,6 +79,9 @@ def make_params(form, N, K, size, align_corners, dtype, device, gen, spread=1.0)
         basis = torch.cat([base, 0.3 * rnd(D - n - 1, P)], dim=0)
         m = torch.cat([theta, (0.5 if n == 2 else 0.4) * rnd(N, K, n, D - n - 1)], dim=3)
         return (m.to(device=device, dtype=torch.float32), basis.to(device=device, dtype=torch.float32))
+    if kind == "affine_flow":  # theta, and a displacement of up to a few pixels on top of its grid
+        u = 0.15 * spread * rnd(N, K, *size, n)
+        return theta.to(device=device, dtype=torch.float32), u.to(device=device, dtype=dtype)
     grid = torch.einsum("nkcj,jp->nkpc", theta, base).reshape(N, K, *size, n)
     if kind == "flow":  # the displacement from the identity grid to that one
         grid = grid - base[:n].T.reshape(*size, n)
@@ -95,7 +99,18 @@ def run(form, x, params, size, **opts):
         return st.basis_sample(x, params[0], params[1], size, **opts)
     if kind == "flow":
         return st.flow_sample(x, params[0], layout="grid", units="normalized", **opts)
+    if kind == "affine_flow":
+        return st.flow_sample(x, params[1], params[0], layout="grid", units="normalized", **opts)
     return st.grid_sample(x, params[0], **opts)
+
+
+def op_params(form, params):
+    """The op's parameters from :func:`make_params`' (the public function's): the flow forms' fields
+    come in normalised units and (x, y[, z]) order, the frame that says so appended."""
+    if not TABLE[form].frame:
+        return list(params)
+    frame = torch.tensor(flow_form.frame(ndim(form)), dtype=torch.float64, device=params[0].device)
+    return [*params, frame]
 
 
 def oracle(form, x, params, size, mode, padding_mode, align_corners):
@@ -103,7 +118,7 @@ def oracle(form, x, params, size, mode, padding_mode, align_corners):
     following the CUDA kernel, see stn_triton.reference; 5-D bicubic its tricubic)."""
     x64 = x.detach().cpu().double().requires_grad_(x.requires_grad)
     p64 = [p.detach().cpu().double().requires_grad_(p.requires_grad) for p in params]
-    out = reference.form_sample(form, x64, p64, size, mode, padding_mode, align_corners)
+    out = reference.form_sample(form, x64, op_params(form, p64), size, mode, padding_mode, align_corners)
     return out, x64, p64
 
 
@@ -176,6 +191,9 @@ def pytorch(form, x, params, size, mode, padding_mode, align_corners):
     elif kind == "flow":  # PyTorch's identity grid plus the field
         eye = torch.eye(n, n + 1, dtype=torch.float64)[None].expand(N * K, n, n + 1)
         grid = F.affine_grid(eye, (N * K, 1, *size), align_corners=align_corners) + p[0].reshape(N * K, *size, n)
+    elif kind == "affine_flow":  # PyTorch's affine grid plus the field
+        grid = (F.affine_grid(p[0].reshape(N * K, n, n + 1), (N * K, 1, *size), align_corners=align_corners)
+                + p[1].reshape(N * K, *size, n))
     else:
         raise ValueError(f"PyTorch has no {form} grid")
     out = F.grid_sample(xs, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
@@ -235,7 +253,7 @@ def check_given(form, x, params, size, mode, padding_mode, align_corners, gen, g
     want = torch.autograd.grad(ref, (x64, *p64), grad_out.double().cpu())
     assert got[0].dtype == dtype and got[0].stride() == torch.empty_like(x).stride()
     assert_close(got[0], want[0], dtype, "grad x", tol_scale=tol_scale)
-    for name, g, w, p in zip(("grad params", "grad basis"), got[1:], want[1:], params):
+    for name, g, w, p in zip(("grad params[0]", "grad params[1]"), got[1:], want[1:], params):
         assert g.dtype == p.dtype and g.shape == p.shape
         assert_close(g, w, dtype, name, scale_by_max=True, tol_scale=tol_scale)
     return out

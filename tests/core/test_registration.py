@@ -1,7 +1,8 @@
 """The registration helpers (stn_triton.registration), kernels running, against MONAI's Warp and
-DVF2DDF layers (run, float64) and VoxelMorph's layers as its source defines them (``SpatialTransformer``: voxel grid plus flow, rescaled, ``grid_sample`` with
-align_corners=True; ``VecInt``: scaling and squaring, ``vec = vec + transformer(vec, vec)``), written here
-in float64 from those definitions; and the inverse consistency of integrated velocities."""
+DVF2DDF layers and VoxelMorph's SpatialTransformer and IntegrateVelocityField layers (each run, float64;
+test extras), VoxelMorph's older ``SpatialTransformer(size)`` as its source defined it (voxel grid plus
+flow, rescaled, ``grid_sample`` with align_corners=True), and the inverse consistency of integrated
+velocities."""
 
 import pytest
 import torch
@@ -20,12 +21,9 @@ def _vm_transform(src, flow):
     return F.grid_sample(src, loc.movedim(1, -1).flip(-1), mode="bilinear", align_corners=True)
 
 
-def _vm_vecint(vec, steps):
-    """VoxelMorph's VecInt(size, steps)(vec)."""
-    vec = vec * (1.0 / 2 ** steps)
-    for _ in range(steps):
-        vec = vec + _vm_transform(vec, vec)
-    return vec
+@pytest.fixture(scope="module")
+def vxm_modules():
+    return pytest.importorskip("voxelmorph.nn.modules", reason="VoxelMorph is a test extra")
 
 
 def _smooth(shape, gen, amplitude, device):
@@ -41,12 +39,13 @@ IDS = ["2d", "3d"]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-def test_integrate_velocity_is_voxelmorphs_vecint(device, shape):
+def test_integrate_velocity_is_voxelmorphs(device, vxm_modules, shape):
+    """VoxelMorph's IntegrateVelocityField(steps=5), run in float64: values and the gradient."""
     gen = torch.Generator().manual_seed(len(shape))
     v = _smooth(shape, gen, 2.0, device).requires_grad_()
     u = st.integrate_velocity(v, steps=5)
     v64 = v.detach().cpu().double().requires_grad_()
-    want = _vm_vecint(v64, 5)
+    want = vxm_modules.IntegrateVelocityField(steps=5)(v64)
     assert_close(u, want, torch.float32, "displacement", tol_scale=5)
     g = torch.randn(u.shape, generator=gen, dtype=torch.float64)
     (got,) = torch.autograd.grad(u, v, g.float().to(device))
@@ -92,12 +91,29 @@ def test_integrated_velocity_and_its_negative_are_inverses(device):
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
-def test_flow_warp_is_voxelmorphs_layer(device, shape):
+def test_flow_warp_is_voxelmorphs_layer(device, vxm_modules, shape):
+    """VoxelMorph's SpatialTransformer (today's, run in float64, linear and nearest; and its older
+    ``SpatialTransformer(size)`` from its source's definition) against ``st.FlowWarp``; values and the
+    gradients to the image and the field."""
     gen = torch.Generator().manual_seed(20 + len(shape))
-    src = torch.randn(shape, generator=gen).to(device)
-    flow = _smooth(shape, gen, 2.0, device)
+    src = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    flow = _smooth(shape, gen, 2.0, device).requires_grad_()
     layer = st.FlowWarp(shape[2:])
-    assert_close(layer(src, flow), _vm_transform(src.double().cpu(), flow.double().cpu()), torch.float32, "warp")
+    out = layer(src, flow)
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (src, flow)]
+    want = vxm_modules.SpatialTransformer()(*leaves)
+    assert_close(out, want, torch.float32, "warp")
+    assert_close(out, _vm_transform(*[t.detach() for t in leaves]), torch.float32, "warp, VoxelMorph's older layer")
+    g = torch.randn(out.shape, generator=gen)
+    got = torch.autograd.grad(out, (src, flow), g.to(device))
+    ref = torch.autograd.grad(want, leaves, g.double())
+    assert_close(got[0], ref[0], torch.float32, "grad image")
+    assert_close(got[1], ref[1], torch.float32, "grad flow", scale_by_max=True)
+    near = st.FlowWarp(mode="nearest")(src, flow)
+    assert_close(near, vxm_modules.SpatialTransformer("nearest")(*leaves), torch.float32, "nearest")
+    nd = len(shape) - 2
+    theta = (torch.eye(nd, nd + 1) + 0.1 * torch.randn(shape[0], nd, nd + 1, generator=gen)).to(device)
+    assert torch.equal(layer(src, flow, theta), st.flow_sample(src, flow, theta, align_corners=True))
     with pytest.raises(st.ArgumentError, match=r"flow: expected the spatial size .* got \(5, 5"):
         layer(src, flow[..., :5, :5] if len(shape) == 4 else flow[..., :5, :5, :5])
 
