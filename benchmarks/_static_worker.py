@@ -161,6 +161,11 @@ def _meta_case(job):
         x = torch.empty(N, C, *S, dtype=dtype, device=meta)
     f32 = dict(dtype=torch.float32, device=meta)
     form = job["form"]
+    if form.startswith("plugin:"):  # a plugin family's own Triton map: theta (N, K, num_params)
+        from transforms_registry import get_transform
+
+        family = get_transform(form.split(":", 1)[1])
+        return x, [torch.empty(N, K, family.num_params, **f32)], size
     P = 1
     for s in size:
         P *= s
@@ -196,6 +201,12 @@ def run_job(job):
         except ImportError:
             pass
     launch.STATIC_CHOICE = job.get("choice")  # None: the launchers' default shape
+    form = job["form"]
+    if form.startswith("plugin:"):
+        from stn_triton.kernels.forms import plugin_form
+        from transforms_registry import get_transform
+
+        form = plugin_form(get_transform(form.split(":", 1)[1])).name
     if hasattr(ops, "_stand_in"):  # made once per device, before any call: not one of a call's launches
         ops._stand_in(x.device)
     opts = (job.get("sampling", "bilinear"), job.get("padding_mode", "zeros"), bool(job.get("align_corners", False)))
@@ -209,13 +220,13 @@ def run_job(job):
         try:
             if step == "fwd":
                 with RecordTorchOps():
-                    ops._kernel_forward(job["form"], x, params, size, *opts)
+                    ops._kernel_forward(form, x, params, size, *opts)
             else:
                 grad_out = new_output(x, params[0].shape[1], *size)
                 needs = [True, True] + [False] * (len(params) - 1)  # input and theta/h/m/grid/field (not the basis
                 # or the frame)
                 with RecordTorchOps():
-                    ops._kernel_backward(job["form"], grad_out, x, params, size, *opts, needs)
+                    ops._kernel_backward(form, grad_out, x, params, size, *opts, needs)
         finally:
             torch.use_deterministic_algorithms(before)
         out.extend(dict(entry, step=step) for entry in LOG)

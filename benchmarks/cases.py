@@ -50,6 +50,14 @@ class Case:
     D: int = None  # input depth: a volumetric (5-D) case; None for 2-D
     Do: int = None  # output depth (volumetric cases)
     field: bool = False  # the transform is a dense displacement field (the flow providers); else a matrix
+    family: str = ""  # a plugin family the case is for (its own providers: ours fused, eager on its grid)
+
+    @property
+    def kind(self):
+        """Which providers run on the case: "flow" (displacement fields), "plugin:<family>", or "matrix"."""
+        if self.field:
+            return "flow"
+        return f"plugin:{self.family}" if self.family else "matrix"
 
     @property
     def is_3d(self):
@@ -124,6 +132,10 @@ NAMED = {c.name: c for c in (
          note="OASIS-sized 3-D displacement field, one channel"),
     Case("field-oasis-c2", 1, 2, 192, 224, 192, 224, D=160, Do=160, layout="ncdhw", field=True,
          note="OASIS-sized 3-D displacement field, two channels"),
+    Case("logpolar", 64, 3, 224, 224, 224, 224, family="logpolar",
+         note="log-polar sampling about a learnt origin (a plugin family's own Triton map, fused)"),
+    Case("lens", 64, 3, 224, 224, 224, 224, family="lens",
+         note="radial lens distortion (a plugin family's own Triton map and gradient terms, fused)"),
     Case("vol-reg", 2, 3, 192, 224, 192, 224, D=160, Do=160, layout="ncdhw",
          note="registration-like volume 160x192x224, trilinear"),
     Case("vol-feat-cl", 2, 32, 96, 96, 96, 96, D=96, Do=96, layout="channels_last_3d",
@@ -270,6 +282,9 @@ def io_bytes(case, dtype):
     return (case.input_numel + case.output_numel) * element_size(dtype)
 
 
+PLUGIN_PARAMS = {"logpolar": 2, "lens": 4}  # the plugin families with cases: their parameters per transform
+
+
 def param_bytes(case, family, basis_dim=0):
     """The transform's own tensors, float32: theta (2x3), h (3x3), or m (2xD) and the basis (D x Ho*Wo).
 
@@ -283,6 +298,8 @@ def param_bytes(case, family, basis_dim=0):
         return NK * (nd + 1) ** 2 * 4
     if family == "flow":  # the displacement field itself, float32, one vector per output pixel
         return grid_bytes(case)
+    if family in PLUGIN_PARAMS:  # a plugin family's theta
+        return NK * PLUGIN_PARAMS[family] * 4
     return NK * nd * basis_dim * 4 + basis_dim * case.out_pixels * 4
 
 

@@ -37,6 +37,7 @@ import stn_triton as st
 from transforms_registry import get_transform
 
 TPS_GRID = (4, 4)  # the paper's 4 x 4 control points: D = 16 + 3 basis rows
+PLUGIN_FAMILIES = ("logpolar", "lens")  # plugin families with cases of their own (published by plugins/)
 
 
 @dataclass
@@ -61,8 +62,11 @@ class Provider:
 
     def runs_on(self, case):
         """Whether ``case`` is of this provider's kind at all: displacement-field cases for the flow
-        family, the others for every other family (no row, not even a skipped one, otherwise)."""
-        return (self.family == "flow") == bool(getattr(case, "field", False))
+        family, a plugin family's cases for its providers, the others for every other family (no row,
+        not even a skipped one, otherwise)."""
+        plugin = f"plugin:{self.family}" if self.family in PLUGIN_FAMILIES else "matrix"
+        mine = "flow" if self.family == "flow" else plugin
+        return mine == getattr(case, "kind", "flow" if getattr(case, "field", False) else "matrix")
 
     def applies(self, case):
         """(True, "") or (False, why this provider has no row for ``case``)."""
@@ -107,6 +111,10 @@ def draw_params(family, case, device, generator):
     def noise(*shape, scale):
         return scale * torch.randn(*shape, generator=generator, device=device)
 
+    if family == "logpolar":  # the origin, near the image's centre
+        return [noise(*lead, 2, scale=0.1)]
+    if family == "lens":  # barrel distortion about a centre near the image's
+        return [torch.tensor([0.2, -0.05, 0.0, 0.0], device=device).expand(*lead, 4) + noise(*lead, 4, scale=0.03)]
     if family == "flow":  # a smooth field, normalised units: coarse noise upsampled, a few pixels at most
         nd = len(case.out_size)
         coarse = noise(*lead, nd, *[4] * nd, scale=0.05)
@@ -370,6 +378,40 @@ def _voxelmorph_apply(case, dtype, device):
     return apply
 
 
+def _plugin_apply(name):
+    def make(case, dtype, device):
+        def apply(x, leaves):
+            return st.spatial_transform(x, leaves[0], name, case.out_size, mode=case.sampling)
+
+        return apply
+
+    return make
+
+
+def _eager_plugin_apply(name):
+    def make(case, dtype, device):
+        family = get_transform(name)
+
+        def apply(x, leaves):
+            (theta,) = leaves  # in x's dtype: the grid is made in it
+            grid = family.grid(theta.reshape(case.N * case.K, theta.shape[-1]), case.out_size)
+            out = F.grid_sample(repeat_k(x, case.K), grid, mode=case.sampling, align_corners=False)
+            return _unflatten_k(out, case)
+
+        return apply
+
+    return make
+
+
+def _plugin_providers(name, module, what):
+    """Ours (the family's own Triton map, fused) and eager (its grid, then F.grid_sample) for a plugin family."""
+    return (Provider(f"ours-{name}", f"st.spatial_transform with the {name} plugin family ({what}): its own Triton "
+                     "map, fused", name, True, _plugin_apply(name), requires=module, no_3d=f"{name} is a 2-D family"),
+            Provider(f"eager-{name}", f"PyTorch eager: the {name} family's grid, then F.grid_sample (the case's "
+                     "baseline)", name, False, _eager_plugin_apply(name), prepare=_params_in_input_dtype,
+                     requires=module, no_3d=f"{name} is a 2-D family"))
+
+
 PROVIDERS = {p.name: p for p in (
     Provider("ours-affine", "st.affine_sample: affine grid made inside the fused kernel", "affine", True,
              lambda case, dtype, device: lambda x, leaves: st.affine_sample(x, leaves[0], case.out_size,
@@ -392,8 +434,8 @@ PROVIDERS = {p.name: p for p in (
              "flow", True, _flow_apply),
     Provider("ours-flow-px", "st.flow_sample on the field in pixels, channels first (VoxelMorph's and MONAI's "
              "convention), read and scaled in the kernel", "flow", True, _flow_pixels_apply, prepare=_pixels_prepare),
-    Provider("monai-warp", "MONAI's Warp layer (reference grid + field in pixels, rescaled, then PyTorch's F.grid_sample)", "flow",
-             False, _monai_apply, prepare=lambda params, x, case: _pixels_prepare(params, x, case, x.dtype),
+    Provider("monai-warp", "MONAI's Warp layer (reference grid + field in pixels, rescaled, then PyTorch's "
+             "F.grid_sample)", "flow", False, _monai_apply, prepare=lambda params, x, case: _pixels_prepare(params, x, case, x.dtype),
              requires="monai", samplings=("bilinear", "nearest")),
     Provider("voxelmorph", "VoxelMorph's SpatialTransformer layer (voxel grid + field in pixels, rescaled, "
              "F.grid_sample)", "flow", False, _voxelmorph_apply,
@@ -403,6 +445,8 @@ PROVIDERS = {p.name: p for p in (
              "baseline)", "flow", False, _eager_flow_apply, prepare=_params_in_input_dtype),
     Provider("compile-flow", "torch.compile of eager-flow", "flow", False, _compile_flow_apply,
              prepare=_params_in_input_dtype, cpu_default=False),
+    *_plugin_providers("logpolar", "stn_logpolar", "log-polar sampling about a learnt origin"),
+    *_plugin_providers("lens", "stn_lens", "radial lens distortion"),
     Provider("kornia", "kornia.geometry.transform.warp_affine (volumes: warp_affine3d), theta converted to pixel "
              "matrices", "affine", False, _kornia_apply, prepare=_kornia_prepare, requires="kornia",
              samplings=("bilinear", "nearest")),

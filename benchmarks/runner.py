@@ -49,7 +49,8 @@ MODE_HELP = {
     "bwd-det": "bwd under torch.use_deterministic_algorithms(True); this library's providers only",
 }
 BASELINE = "eager"
-BASELINES = (BASELINE, "eager-flow")  # a case has rows of one of them: the displacement-field cases eager-flow
+BASELINES = (BASELINE, "eager-flow", "eager-logpolar", "eager-lens")  # a case has rows of one of them: the
+# displacement-field cases eager-flow, a plugin family's case eager-<family>
 ROTATE_MIN_BYTES = 100 * 2**20
 MAX_SETS = {"cuda": 256, "cpu": 4}  # input sets per row (the CPU has no L2 worth defeating)
 

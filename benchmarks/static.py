@@ -27,9 +27,10 @@ from .report import MIN_BYTES_RULE, _git
 TRITON_VERSION = "3.6.0"  # what the GPU machines run: kernels must compile with it
 TRITON_DIR_ENV = "STN_TRITON_STATIC_TRITON"  # a folder holding that triton package, to skip the install
 FORMS = {"ours-affine": "affine", "ours-projective": "projective", "ours-basis": "basis", "ours-grid": "grid",
-         "ours-flow": "flow"}
+         "ours-flow": "flow", "ours-logpolar": "plugin:logpolar", "ours-lens": "plugin:lens"}
 FAMILY = {"affine": "affine", "projective": "projective", "basis": "basis", "grid": "affine",
-          "affine3d": "affine", "basis3d": "basis", "grid3d": "affine", "flow": "flow", "flow3d": "flow"}
+          "affine3d": "affine", "basis3d": "basis", "grid3d": "affine", "flow": "flow", "flow3d": "flow",
+          "plugin:logpolar": "logpolar", "plugin:lens": "lens"}
 # A volumetric case (5-D input) runs the 3-D op of each form: affine3d, basis3d (the same 19-row basis,
 # now over Do*Ho*Wo voxels: a synthetic one, for the kernel's cost), grid3d; projective has none.
 FORMS_3D = {"affine": "affine3d", "basis": "basis3d", "grid": "grid3d", "flow": "flow3d"}
@@ -123,8 +124,9 @@ def make_jobs(cases, dtypes, forms, modes):
     for case in cases:
         for dtype in ([case.dtype] if case.dtype else dtypes):
             for form in forms:
-                if (form == "flow") != bool(getattr(case, "field", False)):  # field cases: the flow form only
-                    continue
+                kind = "flow" if form == "flow" else (form if form.startswith("plugin:") else "matrix")
+                if kind != getattr(case, "kind", "flow" if getattr(case, "field", False) else "matrix"):
+                    continue  # field cases: the flow form only; a plugin family's case: its form only
                 for mode in modes:
                     volume = getattr(case, "D", None) is not None
                     sampling = getattr(case, "sampling", "bilinear")

@@ -6,7 +6,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 PLUGIN="$ROOT/tests/plugins/similarity"  # a tiny plugin distribution the tests need installed
-KEY="$(cat "$ROOT/pyproject.toml" "$PLUGIN/pyproject.toml" | sha256sum | cut -c1-16)"
+# families published as distributions of their own, fused through their Triton maps (log-polar, lens)
+FUSED=("$ROOT/plugins/logpolar" "$ROOT/plugins/lens")
+KEY="$(cat "$ROOT/pyproject.toml" "$PLUGIN/pyproject.toml" "${FUSED[@]/%//pyproject.toml}" | sha256sum | cut -c1-16)"
 VENV="${STN_TRITON_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/stn-triton/venv-$KEY}"
 LOG="$VENV.log"
 quietly() {  # run a setup step; show its output only if it fails
@@ -27,12 +29,14 @@ if [ ! -f "$VENV/.complete" ]; then
     quietly "$VENV/bin/python" -m pip install --upgrade pip "setuptools>=77"
     quietly "$VENV/bin/python" -m pip install -e "$ROOT[test]"
     quietly "$VENV/bin/python" -m pip install --no-deps --no-build-isolation -e "$PLUGIN"
+    for d in "${FUSED[@]}"; do quietly "$VENV/bin/python" -m pip install --no-deps --no-build-isolation -e "$d"; done
     echo "$ROOT" >"$VENV/.checkout"
     touch "$VENV/.complete"
 elif [ "$(cat "$VENV/.checkout" 2>/dev/null)" != "$ROOT" ]; then
     # another checkout of the same pyproject.toml: point the editable installs here (fast, quiet)
     : >"$LOG"
-    quietly "$VENV/bin/python" -m pip install --no-deps --no-build-isolation -e "$ROOT" -e "$PLUGIN"
+    quietly "$VENV/bin/python" -m pip install --no-deps --no-build-isolation -e "$ROOT" -e "$PLUGIN" \
+        "${FUSED[@]/#/-e}"
     echo "$ROOT" >"$VENV/.checkout"
 fi
 flock -u 9

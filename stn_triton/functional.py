@@ -10,6 +10,7 @@ import numbers
 import warnings
 
 import torch
+import triton
 
 from . import ops
 from .kernels import forms
@@ -140,7 +141,7 @@ def _run(form, x, params, size, mode, padding_mode, align_corners, had_k):
     if backend(x) == "reference":  # plain autograd (any order of derivatives), the ops' autocast and layout
         out = ops.reference_forward(form, x, params, size, mode, padding_mode, align_corners)
     else:
-        out = ops.OPS[form][0](x, *params, size, mode, padding_mode, align_corners)
+        out = ops.ops_for(form)[0](x, *params, size, mode, padding_mode, align_corners)
     return out if had_k else out.squeeze(1)
 
 
@@ -327,3 +328,40 @@ def flow_sample(input, flow, theta=None, mode="bilinear", padding_mode="zeros", 
     theta = theta.expand(theta.shape[0], K, *theta.shape[2:])
     u = u.expand(u.shape[0], K, *u.shape[2:])  # a shared field is read in place (a zero stride)
     return _run(f.name, x, (theta, u, frm), size, mode, padding_mode, align_corners, had_k or theta_k)
+
+
+def _jit_types():
+    """What ``@triton.jit`` makes: a JITFunction, or in Triton's interpreter an InterpretedFunction."""
+    types = [triton.runtime.jit.JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        types.append(InterpretedFunction)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+_JIT_TYPES = _jit_types()
+
+
+def family_sample(x, theta, family, size=None, mode="bilinear", padding_mode="zeros", align_corners=False):
+    """Sample ``x`` through a plugin family's own Triton map, fused (:mod:`stn_triton.kernels.plugin`):
+    ``theta`` (N, num_params) -> (N, C, *size), or (N, K, num_params) -> (N, K, C, *size). Equals
+    ``grid_sample`` on ``family.grid(theta)``; the forward never makes that grid. ``family``: an instance
+    whose class defines ``triton_coords`` (and optionally ``triton_grad``)."""
+    nd = _check_input_nd(x)
+    align_corners = _check_options_nd(nd, mode, padding_mode, align_corners)
+    size = _check_size(size, x)
+    label = f"family {family.name!r}" if getattr(family, "name", "") else f"family {type(family).__qualname__}"
+    for attr, required in (("triton_coords", True), ("triton_grad", False)):
+        fn = getattr(type(family), attr, None)
+        if (fn is not None or required) and not isinstance(fn, _JIT_TYPES):
+            raise ArgumentTypeError(f"transform: {label}: {attr} must be a @triton.jit function, got "
+                                    f"{type(fn).__name__}")
+    f = forms.plugin_form(family)
+    if f.ndim != nd:
+        raise ArgumentError(f"transform: {label} is {f.ndim}-D and takes a {f.ndim + 2}-D x, got x of shape "
+                            f"{tuple(x.shape)}")
+    theta, had_k = _check_params("theta", theta, x, (family.num_params,), f"parameters of {label}")
+    return _run(f.name, x, (theta,), size, mode, padding_mode, align_corners, had_k)

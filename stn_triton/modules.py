@@ -121,6 +121,9 @@ def spatial_transform(x, theta, transform="affine", size=None, mode="bilinear", 
     if theta.shape[0] != x.shape[0]:
         raise Fn.ArgumentError(f"theta: batch size {theta.shape[0]} does not match the batch size of x, {x.shape[0]}")
     had_k = theta.dim() == 3
+    opts = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    if getattr(type(family), "triton_coords", None) is not None:  # the family's own map, fused
+        return Fn.family_sample(x, theta, family, size, **opts)
     N, K = theta.shape[0], theta.shape[1] if had_k else 1
     form = family.kernel_form(theta.reshape(N * K, family.num_params), size, align_corners)
     if isinstance(form, KernelForm) and forms.find(form.kind, nd) is None:
@@ -131,7 +134,6 @@ def spatial_transform(x, theta, transform="affine", size=None, mode="bilinear", 
     m = form.m.reshape(N, K, *form.m.shape[1:])
     if not had_k:
         m = m[:, 0]
-    opts = dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
     if form.kind == "affine":
         return Fn.affine_sample(x, m, size, **opts)
     if form.kind == "projective":

@@ -95,6 +95,30 @@ def _kernel_params(form, params):
     return prm, (aux if aux is not None else prm), 0
 
 
+class FamilyKernelError(RuntimeError):
+    """A plugin family's Triton code (its ``triton_coords`` or ``triton_grad``) failed in the kernels: it
+    did not compile, or it returned the wrong number or shape of values."""
+
+
+def _family_code(form, step, call):
+    """Run ``call`` (a kernel launch); a failure of a plugin family's own Triton code is named as such."""
+    f = FORMS[form]
+    if f.fn is None:
+        return call()
+    try:
+        return call()
+    except Exception as e:
+        fns = [f.fn] + ([f.grad_fn] if step == "backward" and f.grad_fn is not None else [])
+        names = " or ".join(f"{fn.fn.__module__}.{fn.fn.__qualname__}" if hasattr(fn, "fn") else repr(fn) for fn in fns)
+        why = str(e)
+        why = why if len(why) <= 600 else why[:300] + " ... " + why[-200:]  # values, not pages of them
+        raise FamilyKernelError(
+            f"transform: the fused {step} kernel of plugin form {form!r} failed in the family's Triton code ({names}): "
+            f"{type(e).__name__}: {why}\nThe contract (stn_triton.kernels.plugin): triton_coords(p, x, y) -> (gx, gy) "
+            "(3-D: (p, x, y, z) -> (gx, gy, gz)), one float32 block per axis; triton_grad(p, x, y, gx_bar, gy_bar) "
+            "-> one block per parameter") from e
+
+
 def _forward(form, x, params, size, mode, padding_mode, align_corners):
     size = [int(s) for s in size]
     if backend(x) == "reference":
@@ -106,7 +130,8 @@ def _forward(form, x, params, size, mode, padding_mode, align_corners):
 
 def _kernel_forward(form, x, params, size, mode, padding_mode, align_corners):
     prm, aux, DM = _kernel_params(form, params)
-    return launch.sample_forward(form, x, prm, aux, _num_k(params), size, DM, mode, padding_mode, align_corners)
+    return _family_code(form, "forward", lambda: launch.sample_forward(
+        form, x, prm, aux, _num_k(params), size, DM, mode, padding_mode, align_corners))
 
 
 def _backward(form, grad_out, x, params, size, mode, padding_mode, align_corners, needs):
@@ -142,15 +167,20 @@ def _kernel_backward(form, grad_out, x, params, size, mode, padding_mode, align_
     need_m = not f.shared_row and needs[1]  # the matrix (theta, h, m)
     need_field = f.per_pixel and needs[1 + f.field]
     need_basis = f.basis and needs[2]
+    need_vjp = f.vjp and need_m  # a plugin family's dL/dtheta from dL/dg, through its PyTorch grid
     if f.frame and needs[len(params)]:
         raise NotImplementedError(f"{form}_sample: the kernels compute no gradient for the frame; pass a frame "
                                   "that does not require grad")
-    grad_x, grad_prm, gg = launch.sample_backward(
+    grad_x, grad_prm, gg = _family_code(form, "backward", lambda: launch.sample_backward(
         form, grad_out, x, prm, aux, _num_k(params), size, DM, mode, padding_mode, align_corners,
-        need_x=need_x, need_param=need_m, need_gg=need_field or need_basis,
-    )
+        need_x=need_x, need_param=need_m and not f.vjp, need_gg=need_field or need_basis or need_vjp,
+    ))
     grads = [grad_x] + [None] * len(params)
-    if need_m:
+    if need_vjp:
+        _, vjp = torch.func.vjp(lambda t: f.grid((t,), size, align_corners), params[0])
+        (g,) = vjp(gg.reshape(*params[0].shape[:2], *size, len(size)).to(params[0].dtype))
+        grads[1] = g.contiguous()
+    elif need_m:
         grads[1] = grad_prm.reshape(params[0].shape).to(params[0].dtype)
     if need_field:
         grads[1 + f.field] = gg  # in the field's dtype and layout (see launch.sample_backward)
@@ -289,6 +319,15 @@ def _register_autocast(name, op, n, device_type):
 
 
 OPS = {name: _define(name, f.params) for name, f in FORMS.items()}
+
+
+def ops_for(form):
+    """The (forward, backward) ops of ``form`` (a row's name), defined at first use for a form added
+    to the table later (a plugin family's)."""
+    got = OPS.get(form)
+    if got is None:
+        got = OPS[form] = _define(form, FORMS[form].params)
+    return got
 affine_sample, affine_sample_backward = OPS["affine"]
 projective_sample, projective_sample_backward = OPS["projective"]
 basis_sample, basis_sample_backward = OPS["basis"]

@@ -1,7 +1,9 @@
 """Every Python block of the README runs as printed, on a user's default CPU path (the reference,
 not the interpreter), from an empty folder; some blocks' results are checked too."""
 
+import os
 import re
+import runpy
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,34 @@ def _own_transform(scope):
     x = torch.randn(1, 2, 5, 6)
     identity = scope["st"].spatial_transform(x, torch.tensor([[1.0, 0.0, 0.0, 0.0]]), "similarity")
     torch.testing.assert_close(identity, x, rtol=1e-5, atol=1e-5)
+
+
+def _fused_family(scope):
+    """The swirl family: on the CPU path as printed; then the same file again, decorated in Triton's
+    interpreter, through the fused kernels, against its own grid (values and dL/dtheta)."""
+    import runpy
+
+    import torch.nn.functional as F
+    from transforms_registry import registry
+
+    import stn_triton as st
+
+    Swirl = scope["Swirl"]
+    theta = torch.tensor([[0.5], [-1.0]], dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 9, 11, dtype=torch.float64)
+    want = F.grid_sample(x, Swirl().grid(theta, (9, 11)), align_corners=False)
+    torch.testing.assert_close(st.spatial_transform(x, theta, "swirl"), want)
+    registry._REGISTRY.pop("swirl")
+    os.environ["TRITON_INTERPRET"] = "1"
+    fused = runpy.run_path(scope["__file__"])["Swirl"]()
+    t32 = theta.detach().float().requires_grad_()
+    out = st.spatial_transform(x.float(), t32, fused)
+    assert st.backend(x.float()) == "interpreter"
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    (got,) = torch.autograd.grad(out, t32, g.float())
+    (ref,) = torch.autograd.grad(want, theta, g)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-3, atol=1e-3)
 
 
 def _timm(scope):
@@ -94,7 +124,8 @@ def _displacement(scope):
 
 CHECKS = {"Reuse what was learnt": _reuse, "The functions": _functions, "Volumetric (5-D) transformers": _volumetric,
           "Displacement fields (image registration)": _displacement, "Transformation families": _families,
-          "Write your own transform": _own_transform, "timm: the CUB-200-2011 part-attention model": _timm}
+          "Write your own transform": _own_transform, "Bring your own map into the kernels": _fused_family,
+          "timm: the CUB-200-2011 part-attention model": _timm}
 SETUP = {"Reuse what was learnt": _saved_digits_model}
 
 
@@ -114,7 +145,8 @@ def test_python_block_runs_as_printed(heading, code, monkeypatch, tmp_path):
     registry._REGISTRY.pop("similarity", None)  # the test environment's plugin publishes the README's name
     if heading in SETUP:
         SETUP[heading](tmp_path)
-    scope = {}
     torch.manual_seed(0)
-    exec(compile(code, f"README.md ({heading})", "exec"), scope)
+    block = tmp_path / "readme_block.py"  # a file, as a user's would be (Triton reads @jit functions' source)
+    block.write_text(code)
+    scope = runpy.run_path(str(block), run_name="__main__")
     CHECKS[heading](scope)

@@ -64,9 +64,14 @@ def _defines(cls, method):
 def incomplete_family(cls):
     """Why the family class ``cls`` cannot map theta to a grid, or None when it can: a family must
     define ``grid`` or ``kernel_form`` (TransformFamily's defaults each call the other)."""
+    name = getattr(cls, "__qualname__", repr(cls))
+    if getattr(cls, "triton_coords", None) is not None and not _defines(cls, "grid"):
+        return (f"{name} defines triton_coords but not {GRID_METHOD}; a family with its own Triton map must also "
+                f"define {GRID_METHOD} in PyTorch (the CPU path, and the oracle its kernels are tested against)")
+    if getattr(cls, "triton_grad", None) is not None and getattr(cls, "triton_coords", None) is None:
+        return f"{name} defines triton_grad but not triton_coords, the map it is the gradient of"
     if _defines(cls, "grid") or _defines(cls, "kernel_form"):
         return None
-    name = getattr(cls, "__qualname__", repr(cls))
     return (f"{name} defines neither {GRID_METHOD} nor {FORM_METHOD}; a TransformFamily must define one: "
             f"{GRID_METHOD} returning the sampling grid (N, Ho, Wo, 2) ((N, Do, Ho, Wo, 3) when ndim = 3), or "
             f"{FORM_METHOD} returning a KernelForm")
@@ -84,6 +89,13 @@ class TransformFamily(nn.Module):
 
     name: str = ""
     ndim: int = 2
+    # A family may bring its map into the fused kernels as Triton code (stn_triton.kernels.plugin has the
+    # contract): ``triton_coords`` a @triton.jit (p, x, y) -> (gx, gy) (3-D: (p, x, y, z) -> (gx, gy, gz)) from
+    # theta's row p and the output pixel's normalised base coordinate; ``triton_grad`` (optional) a
+    # @triton.jit (p, x, y, gx_bar, gy_bar) -> one dL/dtheta_i term per parameter. Such a family still
+    # defines ``grid`` (the reference and the oracle), from theta alone.
+    triton_coords = None
+    triton_grad = None
 
     @property
     def num_params(self) -> int:

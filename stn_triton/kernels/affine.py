@@ -27,7 +27,7 @@ from .common import stack8, stack16
 
 
 @triton.jit
-def affine_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.constexpr):
+def affine_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN: tl.constexpr, NDIM: tl.constexpr):
     # p_m: float32 [NDIM * (NDIM + 1)], M row-major for this (n, k); b: (x, y, z) [BP] base grid
     x, y, z = b
     if NDIM == 2:
@@ -42,7 +42,7 @@ def affine_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.
 
 
 @triton.jit
-def affine_terms(acc, p_part, p_aux, q, mask_p, P, DM, b, g, w, gg, NDIM: tl.constexpr):
+def affine_terms(acc, p_part, p_m, p_aux, q, mask_p, P, DM, b, g, w, gg, FN: tl.constexpr, NDIM: tl.constexpr):
     # acc: [BP, 8] (2-D) or [BP, 16] (3-D) running sums of dL/dM's per-pixel terms, row-major;
     # gg: (gg_x, gg_y, gg_z) [BP], 0 off the image
     x, y, z = b

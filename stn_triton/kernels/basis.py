@@ -21,7 +21,7 @@ import triton.language as tl
 
 
 @triton.jit
-def basis_coords(p_m, p_b, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.constexpr):
+def basis_coords(p_m, p_b, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN: tl.constexpr, NDIM: tl.constexpr):
     # p_m: float32 [NDIM, DM] for this (n, k); p_b: float32 B [DM, P] contiguous; q: [BP] pixel index
     gx = tl.zeros(q.shape, tl.float32)
     gy = tl.zeros(q.shape, tl.float32)
@@ -36,7 +36,7 @@ def basis_coords(p_m, p_b, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.con
 
 
 @triton.jit
-def basis_terms(acc, p_part, p_b, q, mask_p, P, DM, b, g, w, gg, NDIM: tl.constexpr):
+def basis_terms(acc, p_part, p_m, p_b, q, mask_p, P, DM, b, g, w, gg, FN: tl.constexpr, NDIM: tl.constexpr):
     # p_part: float32 [NDIM, DM], this tile's partial dL/dM, written here (one tile per program)
     gg_x, gg_y, gg_z = gg
     for e in range(0, DM):

@@ -47,15 +47,15 @@ def _displace(g, frame, p_pix, s_ac, mask_p, NDIM: tl.constexpr):
 
 
 @triton.jit
-def flow_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.constexpr):
+def flow_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN: tl.constexpr, NDIM: tl.constexpr):
     # p_pix: [BP] pointers to each pixel's vector; frame: the field's (from the parameter row)
     return _displace(b, frame, p_pix, s_ac, mask_p, NDIM), b[0]
 
 
 @triton.jit
-def affine_flow_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.constexpr):
+def affine_flow_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN: tl.constexpr, NDIM: tl.constexpr):
     # p_m: M row-major (NDIM * (NDIM + 1) floats), then the frame (handed over as ``frame``)
-    g, w = affine_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM)
+    g, w = affine_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN, NDIM)
     return _displace(g, frame, p_pix, s_ac, mask_p, NDIM), w
 
 

@@ -27,13 +27,18 @@ compile-only report need to know:
 Adding a form is one module for its math (its ``coords``, ``terms`` and ``grid``) plus one row here.
 """
 
+import functools
+import re
 from dataclasses import dataclass
 from typing import Callable
+
+import triton
 
 from .affine import affine_coords, affine_grid, affine_terms
 from .basis import basis_coords, basis_grid, basis_terms
 from .flow import affine_flow_coords, affine_flow_grid, flow_coords, flow_grid
 from .grid import explicit_grid, grid_coords, no_terms
+from .plugin import plugin_coords, plugin_terms, vjp_terms
 from .projective import projective_coords, projective_grid, projective_terms
 
 
@@ -51,12 +56,20 @@ class Form:
     field: int = -1  # which parameter is per pixel (a grid, a displacement field): dL/dg is its gradient
     frame: bool = False  # the last parameter is the field's frame, appended to the parameter row
     basis: bool = False  # the second parameter is a basis B (D, P), with its own gradient kernel
+    fn: object = None  # a plugin family's own coordinate map (@triton.jit), which ``coords`` calls
+    grad_fn: object = None  # its own gradient terms, which ``terms`` calls (None: a vector-Jacobian product)
 
     @property
     def kind(self):
         """The form without its dimension: affine, projective, basis, grid (a family's kernel_form kind),
         flow or affine_flow."""
         return self.name[:-2] if self.name.endswith("3d") else self.name
+
+    @property
+    def vjp(self):
+        """dL/dtheta is the host's vector-Jacobian product of ``grid`` with the kernels' dL/dg (a plugin
+        family without its own gradient terms)."""
+        return self.fn is not None and self.grad_fn is None
 
     @property
     def per_pixel(self):
@@ -95,6 +108,38 @@ FORMS = {f.name: f for f in (
     Form("affine_flow3d", 3, ("theta", "flow", "frame"), 3, 4, affine_flow_coords, affine_terms, 16, affine_flow_grid,
          field=1, frame=True),
 )}
+
+
+_PLUGINS = {}  # family class -> its form
+
+
+def plugin_form(family):
+    """The form that fuses ``family``'s own Triton map (:mod:`~stn_triton.kernels.plugin`), made and
+    added to the table at its first use: one per family class (its map may depend on theta only)."""
+    cls = type(family)
+    form = _PLUGINS.get(cls)
+    if form is None:
+        base = "plugin_" + re.sub(r"[^0-9a-z]+", "_", f"{cls.__module__}_{cls.__qualname__}".lower()).strip("_")
+        name, i = base, 1
+        while name in FORMS:  # another class of the same name (redefined): a name of its own
+            i += 1
+            name = f"{base}_{i}"
+        n = family.num_params
+        grad = getattr(cls, "triton_grad", None)
+        form = Form(name, family.ndim, ("theta",), 1, n, plugin_coords, plugin_terms if grad is not None else vjp_terms,
+                    triton.next_power_of_2(n), functools.partial(_family_grid, family), fn=cls.triton_coords,
+                    grad_fn=grad)
+        _PLUGINS[cls] = FORMS[name] = form
+    return form
+
+
+def _family_grid(family, params, size, align_corners):
+    """theta (N, K, num_params) -> (N, K, *size, ndim): the family's PyTorch ``grid``, the reference and
+    test oracle of its fused form."""
+    theta = params[0]
+    N, K = theta.shape[:2]
+    g = family.grid(theta.reshape(N * K, theta.shape[-1]), list(size), align_corners)
+    return g.reshape(N, K, *size, len(size))
 
 
 def find(kind, ndim):

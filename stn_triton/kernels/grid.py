@@ -10,7 +10,7 @@ import triton.language as tl
 
 
 @triton.jit
-def grid_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.constexpr):
+def grid_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN: tl.constexpr, NDIM: tl.constexpr):
     # p_pix: [BP] pointers to each pixel's (x, y[, z]) in the grid (any float dtype), s_ac apart
     gx = tl.load(p_pix, mask=mask_p, other=0.0).to(tl.float32)
     gy = tl.load(p_pix + s_ac, mask=mask_p, other=0.0).to(tl.float32)
@@ -22,7 +22,7 @@ def grid_coords(p_m, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.co
 
 
 @triton.jit
-def no_terms(acc, p_part, p_aux, q, mask_p, P, DM, b, g, w, gg, NDIM: tl.constexpr):
+def no_terms(acc, p_part, p_m, p_aux, q, mask_p, P, DM, b, g, w, gg, FN: tl.constexpr, NDIM: tl.constexpr):
     return acc
 
 

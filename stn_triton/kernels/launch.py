@@ -382,7 +382,8 @@ class _Problem:
         return tuple(t.stride()) if self.ndim == 3 else _with_depth(t.stride(), 2)
 
     def consts(self):
-        return dict(COORDS=self.form.coords, FRAME=self.form.frame_at, NDIM=self.ndim, MODE=MODE_CODES[self.mode],
+        return dict(COORDS=self.form.coords, FN=self.form.fn, FRAME=self.form.frame_at, NDIM=self.ndim,
+                    MODE=MODE_CODES[self.mode],
                     PAD=PADDING_CODES[self.padding_mode], ALIGN=self.align_corners,
                     NT=TAPS_PER_AXIS[self.mode], FMA=_true_fma(self.x.device))
 
@@ -509,7 +510,8 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
     bp = p.block_p
     if atomics or need_param or need_gg:
         nacc = pb.form.nacc
-        consts = dict(pb.consts(), TERMS=pb.form.terms, NACC=nacc, NEED_X=atomics, NEED_G=want_g,
+        consts = dict(pb.consts(), TERMS=pb.form.terms, GRAD_FN=pb.form.grad_fn, NACC=nacc, NEED_X=atomics,
+                      NEED_G=want_g,
                       NEED_PARAM=part is not None, WRITE_GG=need_gg,
                       INT64=_int64(x, grad_out, grad_x, aux if pb.form.per_pixel else None, gg,
                                    extra=NK * NPROG * R),

@@ -25,7 +25,7 @@ from .common import stack16
 
 
 @triton.jit
-def projective_coords(p_h, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM: tl.constexpr):
+def projective_coords(p_h, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN: tl.constexpr, NDIM: tl.constexpr):
     # p_h: float32 [9], H row-major for this (n, k); b: (x, y, -) [BP] base grid
     tl.static_assert(NDIM == 2, "the projective form is 2-D")
     x, y, _ = b
@@ -37,7 +37,7 @@ def projective_coords(p_h, p_aux, p_pix, s_ac, q, b, mask_p, P, DM, frame, NDIM:
 
 
 @triton.jit
-def projective_terms(acc, p_part, p_aux, q, mask_p, P, DM, b, g, w, gg, NDIM: tl.constexpr):
+def projective_terms(acc, p_part, p_m, p_aux, q, mask_p, P, DM, b, g, w, gg, FN: tl.constexpr, NDIM: tl.constexpr):
     # acc: [BP, 16] running sums of dL/dH's nine per-pixel terms (row-major, then padding)
     x, y, _ = b
     gx, gy, _ = g

@@ -102,7 +102,7 @@ def _split(q, inner, NDIM: tl.constexpr):
 
 @triton.jit
 def _coords(COORDS: tl.constexpr, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s_ac, r, j, mask_p, Ho, Wo, P, DM,
-            bsx, box, bsy, boy, bsz, boz, frame, NDIM: tl.constexpr):
+            bsx, box, bsy, boy, bsz, boz, frame, FN: tl.constexpr, NDIM: tl.constexpr):
     """Each pixel's depth ``d`` and row ``i`` (``d`` is a stand-in in 2-D), the base grid ``b`` = (x, y, z)
     (``affine_grid``'s, from the index), and the form's normalised coordinate ``g`` = (gx, gy, gz) and
     extra value ``w`` (the projective denominator; a stand-in elsewhere). 2-D: z and gz are stand-ins."""
@@ -115,7 +115,7 @@ def _coords(COORDS: tl.constexpr, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s
         z = x
     b = (x, y, z)
     g, w = COORDS(p_prm_nk, p_aux, p_aux_nk + _offset(d, i, j, s_ad, s_ah, s_aw, NDIM), s_ac, r * Wo + j, b,
-                  mask_p, P, DM, frame, NDIM)
+                  mask_p, P, DM, frame, FN, NDIM)
     return d, i, b, g, w
 
 
@@ -318,6 +318,7 @@ def sample_fwd_kernel(
     C, D, H, W, K, Do, Ho, Wo, DM, R,
     bsx, box, bsy, boy, bsz, boz,  # base grid x_j = bsx * j + box, y_i = bsy * i + boy, z_d = bsz * d + boz
     COORDS: tl.constexpr,   # the form's coordinate map (a @triton.jit function)
+    FN: tl.constexpr,       # a plugin family's own coordinate map, which COORDS calls (None for built-in forms)
     FRAME: tl.constexpr,    # where a field's frame starts in the parameter row (-1: none)
     NDIM: tl.constexpr,     # 2 or 3
     MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr,
@@ -336,7 +337,7 @@ def sample_fwd_kernel(
     nk = n * K + k
     frame = field_frame(p_prm + nk * R, FRAME, NDIM)
     d, i, b, g, w = _coords(COORDS, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, s_ad, s_ah, s_aw, s_ac,
-                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, frame, NDIM)
+                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, frame, FN, NDIM)
     ax, ay, az, _ = _taps(g, mask_p, W, H, D, s_xw, s_xh, s_xd, s_xw, s_xh, s_xd, MODE, PAD, ALIGN, FMA, INT64,
                           NDIM, False, True)
     ox, _, mx, wx, _ = ax
@@ -457,8 +458,10 @@ def sample_bwd_kernel(
     NCT,    # column tiles
     bsx, box, bsy, boy, bsz, boz,
     COORDS: tl.constexpr,   # the form's coordinate map
+    FN: tl.constexpr,       # a plugin family's own coordinate map, which COORDS calls (None for built-in forms)
     FRAME: tl.constexpr,    # where a field's frame starts in the parameter row (-1: none, dL/dg is stored as is)
     TERMS: tl.constexpr,    # the form's parameter-gradient terms (adds a [BP, NACC] block, or stores per tile)
+    GRAD_FN: tl.constexpr,  # a plugin family's own gradient terms, which TERMS calls (None for built-in forms)
     NACC: tl.constexpr,     # the terms block's width (a power of two >= R); 0: the form stores per tile
     NDIM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr, ALIGN: tl.constexpr, NT: tl.constexpr,
     FMA: tl.constexpr,
@@ -497,7 +500,7 @@ def sample_bwd_kernel(
         r = r0 + (grp * (TPP - 1) + t) * TILE_H  # tile row grp * TPP + t (r0 is tile row grp's)
         mask_p = (r < R_OUT) & (j < Wo)
         d, i, b, g, w = _coords(COORDS, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s_ac, r, j, mask_p, Ho, Wo, P,
-                                DM, bsx, box, bsy, boy, bsz, boz, frame, NDIM)
+                                DM, bsx, box, bsy, boy, bsz, boz, frame, FN, NDIM)
         ax, ay, az, di = _taps(g, mask_p, W, H, D, s_xw, s_xh, s_xd, s_dw, s_dh, s_dd, MODE, PAD, ALIGN, FMA, INT64,
                                NDIM, NEED_X, True)
         ox, dx, mx, wx, ex = ax
@@ -541,7 +544,7 @@ def sample_bwd_kernel(
             _store_gg(p_gg + n * s_qn + k * s_qk + _offset(d, i, j, s_qd, s_qh, s_qw, NDIM), s_qc, gg, frame,
                       mask_p, NDIM)
         if NEED_PARAM:
-            acc = TERMS(acc, p_part_i, p_aux, r * Wo + j, mask_p, P, DM, b, g, w, gg, NDIM)
+            acc = TERMS(acc, p_part_i, p_prm_nk, p_aux, r * Wo + j, mask_p, P, DM, b, g, w, gg, GRAD_FN, NDIM)
     if NEED_PARAM:
         if NACC > 0:
             cols = tl.arange(0, NACC)
@@ -584,7 +587,8 @@ def tap_index_kernel(
     s_an, s_ak, s_ad, s_ah, s_aw, s_ac,
     D, H, W, K, Do, Ho, Wo, DM, R,
     bsx, box, bsy, boy, bsz, boz,
-    COORDS: tl.constexpr, FRAME: tl.constexpr, NDIM: tl.constexpr, MODE: tl.constexpr, PAD: tl.constexpr,
+    COORDS: tl.constexpr, FN: tl.constexpr, FRAME: tl.constexpr, NDIM: tl.constexpr, MODE: tl.constexpr,
+    PAD: tl.constexpr,
     ALIGN: tl.constexpr, NT: tl.constexpr, FMA: tl.constexpr, INT64: tl.constexpr,
     LOG2_NC: tl.constexpr,  # log2 of the taps per pixel (NT ** NDIM)
     LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -596,7 +600,7 @@ def tap_index_kernel(
     nk = n * K + k
     frame = field_frame(p_prm + nk * R, FRAME, NDIM)
     d, i, b, g, w = _coords(COORDS, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, s_ad, s_ah, s_aw, s_ac,
-                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, frame, NDIM)
+                            r, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz, frame, FN, NDIM)
     o_pix = nk * P + r * Wo + j  # [BP] this pixel's entry in p_goff
     o_e = o_pix << LOG2_NC  # entry of tap 0
     # stored before the taps are made, so that d, i and j are dead by then

@@ -6,6 +6,7 @@ interpreter: every case here is tiny.
 """
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -35,7 +36,8 @@ def test_cpu_defaults():
     assert [c.N for c in cfg.cases] == [16, 8]  # shrunk by the CPU's default --batch-scale 1/16
     # compile is slow on the CPU; the flow providers run on displacement-field cases only
     flow = ["ours-flow", "ours-flow-px", "monai-warp", "voxelmorph", "eager-flow"]
-    assert cfg.providers == [n for n in PROVIDERS if n not in ["compile", "compile-flow"] + flow]
+    plugins = ["ours-logpolar", "eager-logpolar", "ours-lens", "eager-lens"]
+    assert cfg.providers == [n for n in PROVIDERS if n not in ["compile", "compile-flow"] + flow + plugins]
     assert _config("--cases", "field-2d").providers == flow
     assert cfg.modes == ["fwd", "bwd", "fwd+bwd", "bwd-det"]
     assert cfg.dtypes == ["float32", "bfloat16"]
@@ -178,6 +180,26 @@ def test_flow_providers_compute_the_same_warp(spec):
     assert by_case[case.name] == flow
     assert not by_case[parse_case_spec(TINY).name] & flow
     assert min_bytes(case, "float32", "fwd", "flow") == (x.numel() + case.output_numel + params[0].numel()) * 4
+
+
+@pytest.mark.parametrize("name,params", [("logpolar", 2), ("lens", 4)])
+def test_plugin_family_providers_compute_the_same_warp(name, params):
+    """A plugin family's case (its own Triton map): ours and eager's grid + grid_sample agree, and only
+    they run on it."""
+    case = dataclasses.replace(NAMED[name], N=2, H=16, W=18, Ho=12, Wo=10)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(case.N, case.C, case.H, case.W, generator=g)
+    drawn = draw_params(name, case, CPU, g)
+    assert drawn[0].shape == (2, params)
+    outs = {n: PROVIDERS[n].build(case, "float32", CPU)(x, PROVIDERS[n].leaves(drawn, x, case))
+            for n in (f"ours-{name}", f"eager-{name}")}
+    torch.testing.assert_close(outs[f"ours-{name}"], outs[f"eager-{name}"], rtol=1e-4, atol=1e-4)
+    for p in PROVIDERS.values():
+        p.reset()
+    cfg = runner.RunConfig(cases=[case, parse_case_spec(TINY)], providers=list(PROVIDERS), modes=["fwd"],
+                           dtypes=["float32"], device=CPU)
+    on = {n for c, _, n, _ in runner.plan(cfg) if c.name == case.name}
+    assert on == {f"ours-{name}", f"eager-{name}"}
 
 
 def test_min_bytes_by_hand():

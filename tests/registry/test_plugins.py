@@ -63,8 +63,8 @@ def test_plugin_found_lazily_and_listed(plugin_dist):
     """)
     assert got["before"] is False and got["after"] is True  # loaded at the first lookup, not at import
     assert got["names"] == ["similarity"]
-    assert got["all"] == ["affine", "affine3d", "attention", "attention3d", "piecewise_affine", "projective",
-                          "similarity", "tps"]
+    assert got["all"] == ["affine", "affine3d", "attention", "attention3d", "lens", "logpolar", "piecewise_affine",
+                          "projective", "similarity", "tps"]  # lens, logpolar: plugins/ (their own distributions)
 
 
 def test_plugin_family_works_end_to_end(plugin_dist, device):
