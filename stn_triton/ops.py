@@ -100,6 +100,15 @@ class FamilyKernelError(RuntimeError):
     did not compile, or it returned the wrong number or shape of values."""
 
 
+def _code_errors():
+    """What a kernel's Triton code failing raises: a compilation error (compiled), an interpreter error
+    (Triton's interpreter). Other failures (memory, launch limits) are not the family's code's."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import InterpreterError
+
+    return CompilationError, InterpreterError
+
+
 def _family_code(form, step, call):
     """Run ``call`` (a kernel launch); a failure of a plugin family's own Triton code is named as such."""
     f = FORMS[form]
@@ -107,7 +116,7 @@ def _family_code(form, step, call):
         return call()
     try:
         return call()
-    except Exception as e:
+    except _code_errors() as e:
         fns = [f.fn] + ([f.grad_fn] if step == "backward" and f.grad_fn is not None else [])
         names = " or ".join(f"{fn.fn.__module__}.{fn.fn.__qualname__}" if hasattr(fn, "fn") else repr(fn) for fn in fns)
         why = str(e)

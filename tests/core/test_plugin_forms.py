@@ -154,3 +154,36 @@ def test_logpolar_transformer_learns_the_origin(monkeypatch, device):
     assert st.backend(x) != "reference"
     monkeypatch.setenv("STN_TRITON_FORCE_REFERENCE", "1")
     assert_close(fused, st.spatial_transform(x, theta, "logpolar", (16, 16)), torch.float32, "fused after training")
+
+
+def test_deterministic_half_precision_and_op(device):
+    """The plugin form through the deterministic backward (bit-identical runs, equal to the oracle),
+    in bfloat16 channels-last (float32 accumulation), and its op's schema, fake and autograd."""
+    from stn_triton import ops
+
+    family = get_transform("lens")
+    form = forms.plugin_form(family)
+    gen = torch.Generator().manual_seed(8)
+    x = make_input((2, 16, 9, 11), torch.bfloat16, "channels_last", device, gen).requires_grad_()
+    theta = (torch.tensor([0.3, -0.1, 0.0, 0.0]) + 0.1 * torch.randn(2, 2, 4, generator=gen)).to(device)
+    theta.requires_grad_()
+    out = st.spatial_transform(x, theta, family, (12, 10))
+    g = torch.randn(out.shape, generator=gen).to(device, torch.bfloat16)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = torch.autograd.grad(st.spatial_transform(x, theta, family, (12, 10)), (x, theta), g)
+        second = torch.autograd.grad(st.spatial_transform(x, theta, family, (12, 10)), (x, theta), g)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    ref, x64, (t64,) = oracle(form.name, x, (theta,), (12, 10), "bilinear", "zeros", False)
+    assert_close(out, ref, torch.bfloat16, "output")
+    want = torch.autograd.grad(ref, (x64, t64), g.double().cpu())
+    assert_close(first[0], want[0], torch.bfloat16, "grad x")
+    assert_close(first[1], want[1], torch.bfloat16, "grad theta", scale_by_max=True)
+    fwd, bwd = ops.ops_for(form.name)
+    x32, t32 = x.detach().float(), theta.detach()
+    torch.library.opcheck(fwd, (x32, t32, [12, 10], "bilinear", "border", True))
+    grad = torch.randn(2, 2, 16, 12, 10, generator=gen).to(device)
+    torch.library.opcheck(bwd, (grad, x32, t32, [12, 10], "bilinear", "border", True, [True, True]),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
