@@ -27,6 +27,7 @@ channels first), by ours and by MONAI's ``Warp`` and VoxelMorph's ``SpatialTrans
 installed).
 """
 
+import importlib
 import importlib.util
 from dataclasses import dataclass, field
 
@@ -378,19 +379,30 @@ def _voxelmorph_apply(case, dtype, device):
     return apply
 
 
-def _plugin_apply(name):
+def _plugin_family(name, module, cls):
+    """The plugin family ``name``: as its installed distribution registers it, or, in a source tree
+    where it is only importable (a bare GPU machine with plugins/ on PYTHONPATH), from its module."""
+    try:
+        return get_transform(name)
+    except KeyError:
+        return getattr(importlib.import_module(module), cls)()
+
+
+def _plugin_apply(name, module, cls):
     def make(case, dtype, device):
+        family = _plugin_family(name, module, cls)
+
         def apply(x, leaves):
-            return st.spatial_transform(x, leaves[0], name, case.out_size, mode=case.sampling)
+            return st.spatial_transform(x, leaves[0], family, case.out_size, mode=case.sampling)
 
         return apply
 
     return make
 
 
-def _eager_plugin_apply(name):
+def _eager_plugin_apply(name, module, cls):
     def make(case, dtype, device):
-        family = get_transform(name)
+        family = _plugin_family(name, module, cls)
 
         def apply(x, leaves):
             (theta,) = leaves  # in x's dtype: the grid is made in it
@@ -403,12 +415,13 @@ def _eager_plugin_apply(name):
     return make
 
 
-def _plugin_providers(name, module, what):
+def _plugin_providers(name, module, cls, what):
     """Ours (the family's own Triton map, fused) and eager (its grid, then F.grid_sample) for a plugin family."""
     return (Provider(f"ours-{name}", f"st.spatial_transform with the {name} plugin family ({what}): its own Triton "
-                     "map, fused", name, True, _plugin_apply(name), requires=module, no_3d=f"{name} is a 2-D family"),
+                     "map, fused", name, True, _plugin_apply(name, module, cls), requires=module,
+                     no_3d=f"{name} is a 2-D family"),
             Provider(f"eager-{name}", f"PyTorch eager: the {name} family's grid, then F.grid_sample (the case's "
-                     "baseline)", name, False, _eager_plugin_apply(name), prepare=_params_in_input_dtype,
+                     "baseline)", name, False, _eager_plugin_apply(name, module, cls), prepare=_params_in_input_dtype,
                      requires=module, no_3d=f"{name} is a 2-D family"))
 
 
@@ -445,8 +458,8 @@ PROVIDERS = {p.name: p for p in (
              "baseline)", "flow", False, _eager_flow_apply, prepare=_params_in_input_dtype),
     Provider("compile-flow", "torch.compile of eager-flow", "flow", False, _compile_flow_apply,
              prepare=_params_in_input_dtype, cpu_default=False),
-    *_plugin_providers("logpolar", "stn_logpolar", "log-polar sampling about a learnt origin"),
-    *_plugin_providers("lens", "stn_lens", "radial lens distortion"),
+    *_plugin_providers("logpolar", "stn_logpolar", "LogPolar", "log-polar sampling about a learnt origin"),
+    *_plugin_providers("lens", "stn_lens", "RadialDistortion", "radial lens distortion"),
     Provider("kornia", "kornia.geometry.transform.warp_affine (volumes: warp_affine3d), theta converted to pixel "
              "matrices", "affine", False, _kornia_apply, prepare=_kornia_prepare, requires="kornia",
              samplings=("bilinear", "nearest")),

@@ -24,7 +24,8 @@ PY="${PYTHON:-python3}"
 mkdir -p "$OUTDIR/bench"
 cd "$ROOT"
 unset TRITON_INTERPRET
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# plugins/: the fused plugin families' distributions, importable from the tree (tests register them)
+export PYTHONPATH="$ROOT:$ROOT/plugins/logpolar:$ROOT/plugins/lens${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export STN_TRITON_COMMIT="${STN_TRITON_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 status=0
 step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit, log, and remember a failure

@@ -345,6 +345,21 @@ def _jit_types():
 _JIT_TYPES = _jit_types()
 
 
+def prepare_family(family):
+    """Check a plugin family's Triton functions and make its form and ops (once per class): the form's
+    row. Done before tracing (``SpatialTransformer`` does it when built): ``torch.compile`` traces the
+    use of an op, not its definition."""
+    label = f"family {family.name!r}" if getattr(family, "name", "") else f"family {type(family).__qualname__}"
+    for attr, required in (("triton_coords", True), ("triton_grad", False)):
+        fn = getattr(type(family), attr, None)
+        if (fn is not None or required) and not isinstance(fn, _JIT_TYPES):
+            raise ArgumentTypeError(f"transform: {label}: {attr} must be a @triton.jit function, got "
+                                    f"{type(fn).__name__}")
+    f = forms.plugin_form(family)
+    ops.ops_for(f.name)
+    return f, label
+
+
 def family_sample(x, theta, family, size=None, mode="bilinear", padding_mode="zeros", align_corners=False):
     """Sample ``x`` through a plugin family's own Triton map, fused (:mod:`stn_triton.kernels.plugin`):
     ``theta`` (N, num_params) -> (N, C, *size), or (N, K, num_params) -> (N, K, C, *size). Equals
@@ -353,13 +368,7 @@ def family_sample(x, theta, family, size=None, mode="bilinear", padding_mode="ze
     nd = _check_input_nd(x)
     align_corners = _check_options_nd(nd, mode, padding_mode, align_corners)
     size = _check_size(size, x)
-    label = f"family {family.name!r}" if getattr(family, "name", "") else f"family {type(family).__qualname__}"
-    for attr, required in (("triton_coords", True), ("triton_grad", False)):
-        fn = getattr(type(family), attr, None)
-        if (fn is not None or required) and not isinstance(fn, _JIT_TYPES):
-            raise ArgumentTypeError(f"transform: {label}: {attr} must be a @triton.jit function, got "
-                                    f"{type(fn).__name__}")
-    f = forms.plugin_form(family)
+    f, label = prepare_family(family)
     if f.ndim != nd:
         raise ArgumentError(f"transform: {label} is {f.ndim}-D and takes a {f.ndim + 2}-D x, got x of shape "
                             f"{tuple(x.shape)}")

@@ -197,6 +197,8 @@ class SpatialTransformer(nn.Module):
             options.setdefault("align_corners", align_corners)
         self.family = _family(transform, options)
         Fn._check_options_nd(_family_ndim(self.family), mode, padding_mode, align_corners)
+        if getattr(type(self.family), "triton_coords", None) is not None:
+            Fn.prepare_family(self.family)  # its form and ops now, not while torch.compile traces forward
         self.localization = (localization if localization is not None
                              else default_localization(_family_ndim(self.family)))
         self.num_transforms = num_transforms
