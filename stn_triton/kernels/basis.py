@@ -37,14 +37,19 @@ def basis_coords(p_m, p_b, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN: tl.const
 
 @triton.jit
 def basis_terms(acc, p_part, p_m, p_b, q, mask_p, P, DM, b, g, w, gg, FN: tl.constexpr, NDIM: tl.constexpr):
-    # p_part: float32 [NDIM, DM], this tile's partial dL/dM, written here (one tile per program)
+    # p_part: float32 [NDIM, DM], this tile's partial dL/dM, written here (one tile per program). The basis
+    # rows come two at a time, a [2, BP] block reduced over the pixels once per axis (the compile-only
+    # model: half the reductions' set-up of one row at a time; wider blocks cost registers for less).
+    # The step is written as a literal so that the model can count the loop's trips.
     gg_x, gg_y, gg_z = gg
-    for e in range(0, DM):
-        b_e = tl.load(p_b + e * P + q, mask=mask_p, other=0.0)
-        tl.store(p_part + e, tl.sum(gg_x * b_e, axis=0))
-        tl.store(p_part + DM + e, tl.sum(gg_y * b_e, axis=0))
+    rows = tl.arange(0, 2)
+    for e0 in range(0, DM, 2):
+        m_e = (e0 + rows) < DM
+        blk = tl.load(p_b + (e0 + rows)[:, None] * P + q[None, :], mask=m_e[:, None] & mask_p[None, :], other=0.0)
+        tl.store(p_part + e0 + rows, tl.sum(blk * gg_x[None, :], axis=1), mask=m_e)
+        tl.store(p_part + DM + e0 + rows, tl.sum(blk * gg_y[None, :], axis=1), mask=m_e)
         if NDIM == 3:
-            tl.store(p_part + 2 * DM + e, tl.sum(gg_z * b_e, axis=0))
+            tl.store(p_part + 2 * DM + e0 + rows, tl.sum(blk * gg_z[None, :], axis=1), mask=m_e)
     return acc
 
 
