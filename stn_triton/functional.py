@@ -373,4 +373,6 @@ def family_sample(x, theta, family, size=None, mode="bilinear", padding_mode="ze
         raise ArgumentError(f"transform: {label} is {f.ndim}-D and takes a {f.ndim + 2}-D x, got x of shape "
                             f"{tuple(x.shape)}")
     theta, had_k = _check_params("theta", theta, x, (family.num_params,), f"parameters of {label}")
+    if backend(x) != "reference" and not torch.compiler.is_compiling():
+        ops.check_family_counts(f.name, x.device)
     return _run(f.name, x, (theta,), size, mode, padding_mode, align_corners, had_k)

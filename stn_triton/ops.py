@@ -128,6 +128,34 @@ def _family_code(form, step, call):
             "-> one block per parameter") from e
 
 
+_COUNTED = set()  # (form, device type): the family's functions' return counts were checked
+
+
+def check_family_counts(form, device):
+    """Before a plugin form's first kernel launch on a device type: its ``triton_coords`` must return one
+    block per axis and its ``triton_grad`` one per parameter (a one-program probe launch), else an error
+    naming the function; a wrong count would otherwise be padded or dropped without a word."""
+    f = FORMS[form]
+    key = (form, torch.device(device).type)
+    if f.fn is None or key in _COUNTED:
+        return
+    from .kernels.plugin import count_probe
+
+    out = torch.full((2,), -1, dtype=torch.int32, device=device)
+    theta = torch.zeros(f.cols, dtype=torch.float32, device=device)
+    _family_code(form, "forward", lambda: count_probe[(1,)](
+        theta, out, FN=f.fn, GRAD_FN=f.grad_fn if f.grad_fn is not None else f.fn, HAS_GRAD=f.grad_fn is not None,
+        NDIM=f.ndim))
+    got = out.tolist()
+    for name, fn, n, want, what in (("triton_coords", f.fn, got[0], f.ndim, "one block per axis"),
+                                    ("triton_grad", f.grad_fn, got[1], f.cols, "one term per parameter")):
+        if fn is not None and n != want:
+            label = f"{fn.fn.__module__}.{fn.fn.__qualname__}" if hasattr(fn, "fn") else repr(fn)
+            raise FamilyKernelError(f"transform: plugin form {form!r}: {name} ({label}) returns {n} values; expected "
+                                    f"{want}, {what}")
+    _COUNTED.add(key)
+
+
 def _forward(form, x, params, size, mode, padding_mode, align_corners):
     size = [int(s) for s in size]
     if backend(x) == "reference":

@@ -65,6 +65,25 @@ def plugin_terms(acc, p_part, p_m, p_aux, q, mask_p, P, DM, b, g, w, gg, FN: tl.
 
 
 @triton.jit
+def count_probe(p, out, FN: tl.constexpr, GRAD_FN: tl.constexpr, HAS_GRAD: tl.constexpr, NDIM: tl.constexpr):
+    """Stores how many values a family's ``triton_coords`` and ``triton_grad`` return (a one-program
+    launch, once per family class and device, before its first real launch: a count that does not match
+    would otherwise be dropped or padded silently)."""
+    v = tl.zeros([16], tl.float32)
+    if NDIM == 3:
+        g = FN(p, v, v, v)
+    else:
+        g = FN(p, v, v)
+    tl.store(out, len(g))
+    if HAS_GRAD:
+        if NDIM == 3:
+            t = GRAD_FN(p, v, v, v, v, v, v)
+        else:
+            t = GRAD_FN(p, v, v, v, v)
+        tl.store(out + 1, len(t))
+
+
+@triton.jit
 def vjp_terms(acc, p_part, p_m, p_aux, q, mask_p, P, DM, b, g, w, gg, FN: tl.constexpr, NDIM: tl.constexpr):
     # a family without triton_grad: no terms (its dL/dtheta is the host's vector-Jacobian product)
     return acc

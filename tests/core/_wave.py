@@ -1,7 +1,7 @@
 """Test-only fused families without their own gradient terms (``triton_grad``): their dL/dtheta is the
 vector-Jacobian product of their PyTorch grid with the kernels' dL/dg. 2-D and 3-D, so that the
-plugin form's 3-D path runs; and two broken ones: a map that returns one value too few, one that does
-not compile."""
+plugin form's 3-D path runs; and broken ones: a map that returns one value too few, one that does
+not compile, gradient terms one short."""
 
 import math
 
@@ -73,6 +73,15 @@ class Wave3d(TransformFamily):
 @triton.jit
 def _undefined_coords(p, x, y):
     return tl.no_such_function(x), y  # Triton has no such function: it does not compile
+
+
+@triton.jit
+def _wave_grad_short(p, x, y, gx_bar, gy_bar):
+    return gx_bar * tl.sin(y * _PI), gy_bar * tl.sin(x * _PI)  # the third parameter's term is missing
+
+
+class ShortGrad(Wave):
+    triton_grad = _wave_grad_short
 
 
 class Broken(Wave):

@@ -18,7 +18,7 @@ import stn_triton as st
 from stn_triton.kernels import forms
 from transforms_registry import TransformFamily, get_transform, list_transforms, register_transform
 from _cases import PADDINGS, assert_close, make_input, oracle
-from _wave import Broken, Undefined, Wave, Wave3d
+from _wave import Broken, ShortGrad, Undefined, Wave, Wave3d
 
 PLUGINS = {"logpolar": ("stn_logpolar", "LogPolar"), "lens": ("stn_lens", "RadialDistortion")}
 
@@ -104,13 +104,17 @@ def test_no_grid_is_made(device):
     assert grid not in seen.numels.values() and out.shape == (2, 3, 7, 8)
 
 
-@pytest.mark.parametrize("family", [Broken, Undefined], ids=["one-value-too-few", "does-not-compile"])
-def test_broken_family_is_named(device, family):
-    """A family's Triton code that returns the wrong number of values, or calls what Triton lacks: a
-    FamilyKernelError naming the function and the contract, not an interpreter's traceback."""
+@pytest.mark.parametrize("family,words", [
+    (Broken, r"(?s)_broken_coords.*triton_coords\(p, x, y\) -> \(gx, gy\)"),
+    (Undefined, r"(?s)_undefined_coords.*triton_coords\(p, x, y\) -> \(gx, gy\)"),
+    (ShortGrad, r"triton_grad .*_wave_grad_short.*returns 2 values; expected 3, one term per parameter"),
+], ids=["one-value-too-few", "does-not-compile", "one-term-too-few"])
+def test_broken_family_is_named(device, family, words):
+    """A family's Triton code that returns the wrong number of values (checked before its first launch),
+    or calls what Triton lacks: a FamilyKernelError naming the function, not an interpreter's traceback
+    nor a silently dropped gradient."""
     x = torch.randn(1, 1, 5, 6, device=device)
-    fn = family.triton_coords.fn.__name__
-    with pytest.raises(st.FamilyKernelError, match=rf"(?s){fn}.*triton_coords\(p, x, y\) -> \(gx, gy\)"):
+    with pytest.raises(st.FamilyKernelError, match=words):
         st.spatial_transform(x, torch.zeros(1, 3, device=device), family(), (4, 4))
 
 
