@@ -119,11 +119,14 @@ def _family_code(form, step, call):
     except _code_errors() as e:
         fns = [f.fn] + ([f.grad_fn] if step == "backward" and f.grad_fn is not None else [])
         names = " or ".join(f"{fn.fn.__module__}.{fn.fn.__qualname__}" if hasattr(fn, "fn") else repr(fn) for fn in fns)
-        why = str(e)
+        inner = e  # the interpreter wraps the error at each call level: the innermost one says what happened
+        while isinstance(e, _code_errors()[1]) and inner.__cause__ is not None:  # (a compilation error: its own
+            inner = inner.__cause__                                             # message has the source line)
+        why = str(inner)
         why = why if len(why) <= 600 else why[:300] + " ... " + why[-200:]  # values, not pages of them
         raise FamilyKernelError(
             f"transform: the fused {step} kernel of plugin form {form!r} failed in the family's Triton code ({names}): "
-            f"{type(e).__name__}: {why}\nThe contract (stn_triton.kernels.plugin): triton_coords(p, x, y) -> (gx, gy) "
+            f"{type(inner).__name__}: {why}\nThe contract (stn_triton.kernels.plugin): triton_coords(p, x, y) -> (gx, gy) "
             "(3-D: (p, x, y, z) -> (gx, gy, gz)), one float32 block per axis; triton_grad(p, x, y, gx_bar, gy_bar) "
             "-> one block per parameter") from e
 

@@ -1,7 +1,7 @@
 """Test-only fused families without their own gradient terms (``triton_grad``): their dL/dtheta is the
 vector-Jacobian product of their PyTorch grid with the kernels' dL/dg. 2-D and 3-D, so that the
 plugin form's 3-D path runs; and broken ones: a map that returns one value too few, one that does
-not compile, gradient terms one short."""
+not compile, one that returns a scalar for an axis, gradient terms one short."""
 
 import math
 
@@ -78,6 +78,15 @@ def _undefined_coords(p, x, y):
 @triton.jit
 def _wave_grad_short(p, x, y, gx_bar, gy_bar):
     return gx_bar * tl.sin(y * _PI), gy_bar * tl.sin(x * _PI)  # the third parameter's term is missing
+
+
+@triton.jit
+def _scalar_coords(p, x, y):
+    return x, tl.load(p + 1)  # a scalar for y, not a block of the coordinates' shape
+
+
+class Scalar(Wave):
+    triton_coords = _scalar_coords
 
 
 class ShortGrad(Wave):

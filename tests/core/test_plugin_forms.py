@@ -18,7 +18,7 @@ import stn_triton as st
 from stn_triton.kernels import forms
 from transforms_registry import TransformFamily, get_transform, list_transforms, register_transform
 from _cases import PADDINGS, assert_close, make_input, oracle
-from _wave import Broken, ShortGrad, Undefined, Wave, Wave3d
+from _wave import Broken, Scalar, ShortGrad, Undefined, Wave, Wave3d
 
 PLUGINS = {"logpolar": ("stn_logpolar", "LogPolar"), "lens": ("stn_lens", "RadialDistortion")}
 
@@ -107,8 +107,9 @@ def test_no_grid_is_made(device):
 @pytest.mark.parametrize("family,words", [
     (Broken, r"(?s)_broken_coords.*triton_coords\(p, x, y\) -> \(gx, gy\)"),
     (Undefined, r"(?s)_undefined_coords.*triton_coords\(p, x, y\) -> \(gx, gy\)"),
+    (Scalar, r"(?s)_scalar_coords.*one block per axis, of the coordinates' shape"),
     (ShortGrad, r"triton_grad .*_wave_grad_short.*returns 2 values; expected 3, one term per parameter"),
-], ids=["one-value-too-few", "does-not-compile", "one-term-too-few"])
+], ids=["one-value-too-few", "does-not-compile", "a-scalar", "one-term-too-few"])
 def test_broken_family_is_named(device, family, words):
     """A family's Triton code that returns the wrong number of values (checked before its first launch),
     or calls what Triton lacks: a FamilyKernelError naming the function, not an interpreter's traceback
