@@ -29,8 +29,9 @@ _PI = tl.constexpr(math.pi)
 @triton.jit
 def _sincos_pi(u):
     """(sin(pi u), cos(pi u)) in float32 for moderate u: u = q / 2 + r with |r| <= 1/4, polynomials of
-    pi r (errors below 1e-8), then the quadrant q. Written out rather than tl.sin/tl.cos, whose
-    libdevice versions carry a local-memory path for huge arguments (a stack frame in every kernel)."""
+    pi r (truncation below 1e-8: float32 rounding, about 1e-7, decides), then the quadrant q. Written out
+    rather than tl.sin/tl.cos, whose libdevice versions carry a local-memory path for huge arguments (a
+    stack frame in every kernel)."""
     q = tl.floor(u * 2.0 + 0.5)
     t = (u - q * 0.5) * _PI
     t2 = t * t
