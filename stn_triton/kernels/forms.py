@@ -6,14 +6,15 @@ schemas, fakes, autograd), the reference (:mod:`stn_triton.reference`), the publ
 compile-only report need to know:
 
 - ``coords``: the ``@triton.jit`` coordinate map, ``coords(p_prm, p_aux, p_pix, s_ac, q, b, mask_p, P,
-  DM, frame, NDIM) -> ((gx, gy, gz), w)``: from this transform's parameter row ``p_prm``, the auxiliary
+  DM, frame, FN, NDIM) -> ((gx, gy, gz), w)``: from this transform's parameter row ``p_prm``, the auxiliary
   tensor (``p_aux``: B for basis forms; ``p_pix``: pointers to each pixel's entry in a per-pixel
   tensor, its components ``s_ac`` apart), the flat pixel index ``q``, the base grid ``b = (x, y, z)``
   and, for a form with a frame, the frame's values (``frame``, loaded once per program:
   :func:`~stn_triton.kernels.common.field_frame`), the normalised coordinate (gz a stand-in in 2-D)
-  and one extra value the terms may use (``w``);
-- ``terms``: the ``@triton.jit`` parameter-gradient terms, ``terms(acc, p_part, p_aux, q, mask_p, P, DM,
-  b, g, w, gg, NDIM) -> acc``: adds this tile's per-pixel terms of dL/dparams (row-major, padded) to the
+  and one extra value the terms may use (``w``); ``FN`` is a plugin family's own map (the row's ``fn``),
+  which only the plugin form's coordinate map calls;
+- ``terms``: the ``@triton.jit`` parameter-gradient terms, ``terms(acc, p_part, p_prm, p_aux, q, mask_p,
+  P, DM, b, g, w, gg, FN, NDIM) -> acc`` (``FN``: the row's ``grad_fn``): adds this tile's per-pixel terms of dL/dparams (row-major, padded) to the
   ``[BLOCK_P, nacc]`` block ``acc``, or, with ``nacc = 0``, writes the tile's sums to ``p_part`` itself;
 - ``params``: the op's parameter tensors; with ``rows`` > 0 (or a basis) the first is the transform's
   (N, K, ...) parameter, a float32 matrix of ``rows x cols`` per transform (``cols`` 0: the basis

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from transforms_registry import TransformFamily
+from transforms_registry import TransformFamily, base_grid
 
 _PI = tl.constexpr(math.pi)
 
@@ -31,9 +31,8 @@ def _broken_coords(p, x, y):
 
 
 def _base(theta, size, align_corners):
-    nd = len(size)
-    eye = torch.eye(nd, nd + 1, dtype=theta.dtype, device=theta.device)[None]
-    return torch.nn.functional.affine_grid(eye, (1, 1, *size), align_corners=align_corners)[0]
+    """affine_grid's identity grid (*size, nd)."""
+    return base_grid(size, align_corners, theta.dtype, theta.device)[:-1].T.reshape(*size, len(size))
 
 
 class Wave(TransformFamily):

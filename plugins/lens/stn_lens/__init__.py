@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from transforms_registry import TransformFamily
+from transforms_registry import TransformFamily, base_grid
 
 
 @triton.jit
@@ -54,9 +54,7 @@ class RadialDistortion(TransformFamily):
 
     def grid(self, theta, size, align_corners=False):
         self.check_theta(theta)
-        Ho, Wo = size
-        base = torch.nn.functional.affine_grid(torch.eye(2, 3, dtype=theta.dtype, device=theta.device)[None],
-                                               (1, 1, Ho, Wo), align_corners=align_corners)[0]  # (Ho, Wo, 2)
+        base = base_grid(size, align_corners, theta.dtype, theta.device)[:2].T.reshape(*size, 2)  # affine_grid's
         k1, k2, c = theta[:, 0, None, None], theta[:, 1, None, None], theta[:, None, None, 2:]
         d = base[None] - c
         r2 = (d * d).sum(-1)

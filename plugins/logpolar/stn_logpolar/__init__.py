@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from transforms_registry import TransformFamily
+from transforms_registry import TransformFamily, base_grid
 
 R_MIN, R_MAX = 0.05, 1.5  # the radii sampled, normalised units
 _LOG_R_MIN = tl.constexpr(math.log(R_MIN))
@@ -67,9 +67,7 @@ class LogPolar(TransformFamily):
 
     def grid(self, theta, size, align_corners=False):
         self.check_theta(theta)
-        Ho, Wo = size
-        base = torch.nn.functional.affine_grid(torch.eye(2, 3, dtype=theta.dtype, device=theta.device)[None],
-                                               (1, 1, Ho, Wo), align_corners=align_corners)[0]  # (Ho, Wo, 2)
+        base = base_grid(size, align_corners, theta.dtype, theta.device)[:2].T.reshape(*size, 2)  # affine_grid's
         r = torch.exp(math.log(R_MIN) + (base[..., 0] + 1) * (0.5 * (math.log(R_MAX) - math.log(R_MIN))))
         phi = math.pi * (base[..., 1] + 1)
         return torch.stack([theta[:, 0, None, None] + r * torch.cos(phi), theta[:, 1, None, None] + r * torch.sin(phi)],
