@@ -38,6 +38,7 @@ import triton.language as tl
 from .basis import basis_grad_kernel
 from .codes import MODE_CODES, PADDING_CODES, TAPS_PER_AXIS, log2_taps, taps
 from .forms import FORMS
+from .inverse import BLOCKS as INVERSE_BLOCKS, inverse_grad_input_kernel, inverse_table, reach as inverse_reach
 from .sampler import gather_grad_input_kernel, sample_bwd_kernel, sample_fwd_kernel, tap_index_kernel
 
 INT32_LIMIT = 2**31
@@ -49,6 +50,14 @@ VECTOR_BYTES = 16
 # error as sqrt(contributions): NOTES.md measures it.
 HALF_ACCUMULATE_MAX_CONTRIBUTIONS = 16
 AUTOTUNE_ENV = "STN_TRITON_AUTOTUNE"
+INVERSE_CHANNELS = 4  # channels per program of the inverse-map gather (each lane holds them for its block)
+# Past this many channels the deterministic input gradient keeps the sorted gather even where the inverse
+# map serves: the inverse gather walks each block's candidates once per group of INVERSE_CHANNELS, the
+# sorted one lists and sorts the contributions once for all channels (the model, 64 x C x 56^2
+# channels-last float32 at scale 1: the inverse gather 11.5 us at C = 16, 22.9 at 32, 45.8 at 64; the
+# sorted gather's kernels 5.1, 10.5, 20.1 plus a sort of 46 MB of keys, about 14 us at the DRAM
+# floor; benchmarks/NOTES.md)
+INVERSE_MAX_CHANNELS = 32
 
 
 def fill_new(t):
@@ -541,7 +550,8 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
 
 
 def _grad_input_deterministic(pb, grad_out):
-    """dL/dx as a gather: list the contributions, sort them by target pixel (stable), sum in order."""
+    """dL/dx as a gather in a fixed order: by the inverse map where it serves (:mod:`.inverse`), else
+    list the contributions, sort them by target pixel (stable), sum in order."""
     x, K, N, C, P = pb.x, pb.K, pb.N, pb.C, pb.P
     DHW = pb.D * pb.H * pb.W
     log2_nc = log2_taps(pb.mode, pb.ndim)
@@ -551,6 +561,9 @@ def _grad_input_deterministic(pb, grad_out):
         return grad_x
     if E == 0:
         return grad_x.zero_()
+    table = inverse_table(pb, fill_new) if C <= INVERSE_MAX_CHANNELS else None
+    if table is not None:
+        return _grad_input_inverse(pb, grad_out, grad_x, table)
     int64 = _int64(x, grad_out, pb.aux if pb.form.per_pixel else None, extra=max(N * E, N * (DHW + 1)))
     itype = torch.int64 if int64 else torch.int32
     idx = _empty((N, E), itype, x.device)
@@ -577,6 +590,22 @@ def _grad_input_deterministic(pb, grad_out):
             grad_out.stride(0), grad_out.stride(2), C, pb.D, pb.H, pb.W, E,
             NDIM=pb.ndim, INT64=int64, EVEN_C=C % block_c == 0, LOG2_NC=log2_nc, BLOCK_Q=block_q,
             BLOCK_C=block_c, num_warps=4)
+    return grad_x
+
+
+def _grad_input_inverse(pb, grad_out, grad_x, table):
+    """dL/dx by :func:`~.inverse.inverse_grad_input_kernel`: every input pixel written, in a fixed order."""
+    (bx, by, bz), K, C = INVERSE_BLOCKS[pb.ndim], pb.K, pb.C
+    nbx, nby, nbz = triton.cdiv(pb.W, bx), triton.cdiv(pb.H, by), triton.cdiv(pb.D, bz)
+    cb = min(C, INVERSE_CHANNELS)
+    block_q = 128
+    int64 = _int64(pb.x, grad_out, extra=nbx * nby * nbz * bx * by * bz)
+    for nb in _batches(pb.N):
+        inverse_grad_input_kernel[(triton.cdiv(nbx * nby * nbz, block_q), triton.cdiv(C, cb), nb.stop - nb.start)](
+            grad_x[nb], grad_out[nb], _rows(table, nb, K), *pb.x_strides(grad_x), *pb.out_strides(grad_out),
+            C, pb.D, pb.H, pb.W, K, pb.Do, pb.Ho, pb.Wo, nbx, nby, nbz,
+            NDIM=pb.ndim, INT64=int64, EVEN_C=C % cb == 0, CB=cb, BX=bx, BY=by, BZ=bz, BLOCK_Q=block_q,
+            num_warps=4)
     return grad_x
 
 
@@ -613,6 +642,17 @@ def static_hints(name, args, grid):
             rows = triton.cdiv(args.get("Do", 1) * args["Ho"], args["BLOCK_P"] >> args["LOG2_TW"])
             hints["trips"] = {"0, n_here": rows / max(groups, 1)}
         return hints
+    if name == "inverse_grad_input_kernel":
+        # the box per output axis for a near-identity map (theta = I + 0.1 noise, the benchmarks'): M^-1
+        # about diag(So / S), each row's other entries about a tenth of its diagonal
+        nd = args.get("NDIM", 2)
+        r = inverse_reach(nd)
+        trips = {}
+        for a, (key, so, s) in enumerate((("0, t_x", "Wo", "W"), ("0, t_y", "Ho", "H"), ("0, t_z", "Do", "D"))[:nd]):
+            scale = args.get(so, 1) / max(args.get(s, 1), 1)
+            ext = scale * (r[a] + 0.1 * (sum(r) - r[a]))
+            trips[key] = max(1, math.ceil(2 * ext - 1e-6))
+        return {"trips": trips}
     if name == "gather_grad_input_kernel":
         # contributions per input pixel on average: E / (D * H * W); the loop runs to the block's maximum
         mean = args["E"] / max(args.get("D", 1) * args["H"] * args["W"], 1)

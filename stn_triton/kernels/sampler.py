@@ -45,7 +45,8 @@ channels-last half-precision inputs with few contributions per pixel, the gradie
 ``torch.use_deterministic_algorithms(True)`` it is a gather instead: :func:`tap_index_kernel` lists
 each (pixel, tap) contribution's target input pixel and weight, the host sorts them by target with a
 stable sort, and :func:`gather_grad_input_kernel` sums each input pixel's contributions in that
-fixed order.
+fixed order; the affine forms' linear sampling gathers through the inverse map instead, with no sort
+(:mod:`stn_triton.kernels.inverse`).
 """
 
 import triton

@@ -124,7 +124,17 @@ def test_compile_only_run(tmp_path, capsys):
         (c, f, m) for c in ("tiny-cl", "tiny") for f in ("affine", "grid") for m in ("fwd", "bwd", "fwd+bwd", "bwd-det")}
     assert not [r for r in rows if "error" in r]
     kernels = {x["kernel"] for r in rows for x in r["launches"] if x["kind"] == "triton"}
-    assert kernels == {"sample_fwd_kernel", "sample_bwd_kernel", "tap_index_kernel", "gather_grad_input_kernel"}
+    assert kernels == {"sample_fwd_kernel", "sample_bwd_kernel", "tap_index_kernel", "gather_grad_input_kernel",
+                       "inverse_table_kernel", "inverse_grad_input_kernel"}
+    for case in ("tiny", "tiny-cl"):  # the affine form's deterministic input gradient: inverse map, no sort
+        det = next(r for r in rows if (r["case"], r["form"], r["mode"]) == (case, "affine", "bwd-det"))
+        assert [x["kernel"] for x in det["launches"] if x["kind"] == "triton"] == [
+            "inverse_table_kernel", "inverse_grad_input_kernel", "sample_bwd_kernel"]
+        assert not [x for x in det["launches"] if x["kind"] == "torch" and "sort" in x["op"]]
+        inv = next(x for x in det["launches"] if x.get("kernel") == "inverse_grad_input_kernel")
+        assert inv["mix"]["atomics"] == {}
+    grid_det = next(r for r in rows if (r["case"], r["form"], r["mode"]) == ("tiny", "grid", "bwd-det"))
+    assert [x for x in grid_det["launches"] if x["kind"] == "torch" and "sort" in x["op"]]  # the sorted gather
     for r in rows:
         for x in r["launches"]:
             if x["kind"] != "triton":
