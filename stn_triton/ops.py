@@ -34,7 +34,7 @@ implementations. Validation is the public functions' job (:mod:`stn_triton.funct
 
 import torch
 
-from . import reference
+from . import export, reference
 from ._backend import backend
 from .kernels import launch
 from .kernels.forms import FORMS
@@ -292,6 +292,7 @@ def _define(form, names):
     fwd_op = torch.library.custom_op(f"stn_triton::{form}_sample", fwd, mutates_args=(), schema=fwd_schema)
     bwd_op = torch.library.custom_op(f"stn_triton::{form}_sample_backward", bwd, mutates_args=(), schema=bwd_schema)
     fwd_op.register_fake(lambda x, *args: _fake_forward(form, x, args[:n], *args[n:]))
+    export.register(form, fwd_op, n)  # standard ATen on request (stn_triton.decompositions), and for ONNX
     bwd_op.register_fake(lambda g, x, *args: _fake_backward(form, g, x, args[:n], *args[n:]))
 
     def setup_context(ctx, inputs, output):

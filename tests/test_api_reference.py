@@ -16,7 +16,7 @@ MODULES = {"st": "stn_triton", "transforms_registry": "transforms_registry",
 METHODS = ["st.SpatialTransformer.forward", "st.SpatialTransformer.parameter_groups",
            "transforms_registry.TransformFamily.identity", "transforms_registry.TransformFamily.grid",
            "transforms_registry.TransformFamily.kernel_form", "transforms_registry.TransformFamily.check_theta"]
-NO_SIGNATURE = {"st.ArgumentError", "st.ArgumentTypeError", "st.FamilyKernelError",
+NO_SIGNATURE = {"st.ArgumentError", "st.ArgumentTypeError", "st.ExportError", "st.FamilyKernelError",
                 "transforms_registry.TransformFamily", "transforms_registry.ENTRY_POINT_GROUP"}  # exceptions, a base
 # class, a constant
 

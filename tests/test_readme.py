@@ -122,8 +122,32 @@ def _displacement(scope):
     torch.testing.assert_close(scope["moved"].detach(), expected, rtol=1e-4, atol=1e-4)  # float32, another order
 
 
+def _deploy(scope):
+    """As printed (the CPU path: plain PyTorch); then the same model on the kernel path (Triton's
+    interpreter), where torch.export keeps the op and the decompositions remove it."""
+    import onnxruntime as ort
+
+    import stn_triton as st
+
+    model, x, logits = scope["model"], scope["x"], scope["logits"]
+    torch.testing.assert_close(torch.from_numpy(scope["ort_logits"]), logits, rtol=1e-4, atol=1e-5)
+    os.environ["TRITON_INTERPRET"] = "1"  # restored by the test's monkeypatch
+    assert st.backend(x) == "interpreter"
+    ep = torch.export.export(model, (x,))
+    assert "stn_triton.affine_sample.default" in [str(n.target) for n in ep.graph.nodes]
+    plain = ep.run_decompositions(st.decompositions())
+    assert not [n for n in plain.graph.nodes if str(n.target).startswith("stn_triton")]
+    with torch.no_grad():
+        torch.testing.assert_close(plain.module()(x), logits, rtol=1e-4, atol=1e-5)
+    session = ort.InferenceSession(torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+                                   .SerializeToString())
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), logits, rtol=1e-4, atol=1e-5)
+
+
 CHECKS = {"Reuse what was learnt": _reuse, "The functions": _functions, "Volumetric (5-D) transformers": _volumetric,
-          "Displacement fields (image registration)": _displacement, "Transformation families": _families,
+          "Displacement fields (image registration)": _displacement, "Deploy: torch.export and ONNX": _deploy,
+          "Transformation families": _families,
           "Write your own transform": _own_transform, "Bring your own map into the kernels": _fused_family,
           "timm: the CUB-200-2011 part-attention model": _timm}
 SETUP = {"Reuse what was learnt": _saved_digits_model}
