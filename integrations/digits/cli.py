@@ -18,9 +18,8 @@ lacks the IDX files or cannot be read, and a missing scikit-learn are one-line e
 before anything trains (all but unreadable files before any data is read, or any file deleted).
 
 On a terminal it shows progress bars; otherwise (a log file, CI) it prints one line per finished
-run and no bars. The tasks other than classify train their runs several at once (``--workers``, by
-default one process per CPU thread, each with one thread: small networks use one thread far better
-than two).
+run and no bars. Every task trains its runs several at once (``--workers``, by default one process
+per CPU thread, each with one thread: small networks use one thread far better than two).
 """
 
 import argparse

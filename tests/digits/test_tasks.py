@@ -255,6 +255,35 @@ def test_runs_in_parallel_processes_equal_runs_in_this_one(reference, tmp_path):
     assert (tmp_path / "two" / "figures" / "addition.png").exists()
 
 
+def test_classify_runs_in_parallel_processes_equal_runs_in_this_one(reference, tmp_path):
+    """The main job too: --workers 2 gives the results of one run after another at one thread, in the
+    same (distortion, seed, model) order, and the same figures."""
+    from stn_triton.integrations.digits import experiment as E
+
+    common = dict(distortions=("R", "RTS"), models=("CNN", "ST-CNN-aff"), seeds=(0,), epochs=1, train_limit=40,
+                  test_limit=12, batch_size=16, progress=False, figure_count=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = E.run(E.Config(**common, out=str(tmp_path / "one"), workers=1), log=lambda *a: None)
+        torch.set_num_threads(2)
+        lines = []
+        two = E.run(E.Config(**common, out=str(tmp_path / "two"), workers=2), log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    keys = ("distortion", "model", "seed", "error", "val_error", "train_loss", "params", "rotation", "threads")
+    assert [{k: r[k] for k in keys if k in r} for r in one["results"]] == \
+        [{k: r[k] for k in keys if k in r} for r in two["results"]]
+    assert [(r["distortion"], r["model"]) for r in two["results"]] == [
+        ("R", "CNN"), ("R", "ST-CNN-aff"), ("RTS", "CNN"), ("RTS", "ST-CNN-aff")]
+    assert [r["threads"] for r in two["results"]] == [1] * 4
+    assert sum("test error" in line for line in lines) == 4
+    for d in ("R", "RTS"):
+        a = Image.open(tmp_path / "one" / "figures" / f"{d}.png")
+        b = Image.open(tmp_path / "two" / "figures" / f"{d}.png")
+        assert a.size == b.size and a.tobytes() == b.tobytes()
+
+
 def test_task_configs_refuse_bad_values():
     with pytest.raises(ValueError, match="workers: expected a number of processes >= 0"):
         A.AdditionConfig(workers=-1)
