@@ -2,7 +2,7 @@
 
 Four of the paper's appendix A experiments, one task at a time. --task classify (the default) is
 the README's first command: R and RTS, CNN vs ST-CNN (affine), three seeds, 40 epochs with a
-rotation curriculum over the first 15, on scikit-learn's bundled digits, on the CPU, in about three
+rotation curriculum over the first 15, on scikit-learn's bundled digits, on the CPU, in about four
 minutes on two cores. --task addition: two RTS-distorted digits, one per channel, labelled with
 their sum; FCN and CNN against an ST-CNN with two parallel transformers. --task colocalisation:
 find the digit of one class in cluttered images with a triplet loss, no boxes and no labels. --task
@@ -36,7 +36,7 @@ from stn_triton._cli import HelpFormatter, description
 from . import addition, colocalisation, threed
 from .data import missing_idx_files
 from .distortions import DISTORTIONS
-from .experiment import DEFAULT_LR, OPTIMIZERS, Config, DataError, run
+from .experiment import DEFAULT_LR, OPTIMIZERS, POSE_LR_SCALE, Config, DataError, run
 from .models import MODELS
 
 PAPER = dict(distortions=DISTORTIONS, models=MODELS, seeds=(0, 1, 2), epochs=60, batch_size=256, lr=1e-3)
@@ -50,6 +50,12 @@ def _classify_arguments(p, d):
     p.add_argument("--curriculum", type=int, default=d.curriculum, metavar="EPOCHS",
                    help="R and RTS: the training rotation grows linearly to its full angle over the first EPOCHS "
                         "epochs (the same images for every model; validation and test use the full angle); 0: none")
+    p.add_argument("--pose-curriculum", nargs=2, type=int, default=list(d.pose_curriculum) or None,
+                   metavar=("HOLD", "END"),
+                   help="RTS: centred, unscaled training digits rotated by up to 6 growing to 90 degrees until "
+                        "epoch HOLD, then RTS's translation, scale and rotation by epoch END, with the localisation "
+                        f"networks at {POSE_LR_SCALE:g}x the rate (e.g. 15 25; default: none, RTS's angle follows "
+                        "--curriculum)")
     p.add_argument("--save-models", action="store_true",
                    help="write every trained model to OUT/models/DISTORTION-MODEL-seedS.pt "
                         "(stn_triton.integrations.digits.load_model reads them)")

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import stn_triton as st
 
 from . import data as D
-from .distortions import DISTORTIONS, FULL_ANGLE, distort, object_scale_for
+from .distortions import DISTORTIONS, FULL_ANGLE, RTS_SCALE, distort, object_scale_for
 from .models import MODELS, base_model, build, count_parameters, save_model
 
 OPTIMIZERS = ("adam", "sgd")
@@ -165,10 +165,19 @@ class Config(TaskConfig):
     # angle in the first epoch to the full angle in epoch `curriculum` (1-based), then stays; 0: none.
     # The same images for every model; validation and test always use the full angle.
     curriculum: int = 15
+    # RTS's pose curriculum, (hold, end) epochs, or () for none (RTS's angle then follows `curriculum`):
+    # until epoch `hold` the training digits are centred and unscaled while their largest rotation grows
+    # from 6 to 90 degrees (R's range); from `hold` to `end`, translation, scale and rotation move
+    # linearly to RTS's own (validation and test always use them); and RTS's localisation networks learn
+    # at POSE_LR_SCALE times the rate `localization_lr_scale` gives. (15, 25) leaves less rotation in the
+    # transformer's output on every seed tried, at a slightly higher error (README: the search); off by
+    # default for that error.
+    pose_curriculum: tuple = ()
     save_models: bool = False  # every trained model under <out>/models/
     distortion_options: dict = field(default_factory=dict)  # {"RTS": {"max_angle": 30}, ...}
     # per-epoch schedule of training-distortion options, e.g. {"R": {"max_angle": [[0, 20], [10, 90]]}}:
-    # [epoch, value] knots, linear in between, the last value after the last knot (see train_options)
+    # [epoch, value] knots, linear in between, the last value after the last knot (see train_options); a
+    # value may be a list, e.g. {"RTS": {"scale": [[0, [0.9, 1.0]], [20, [0.7, 1.2]]]}}
     distortion_schedule: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -177,12 +186,20 @@ class Config(TaskConfig):
         super().__post_init__()
         if not isinstance(self.curriculum, int) or self.curriculum < 0:
             raise ValueError(f"curriculum: expected a number of epochs >= 0, got {self.curriculum!r}")
+        self.pose_curriculum = tuple(self.pose_curriculum or ())
+        hold_end = self.pose_curriculum
+        if hold_end and not (len(hold_end) == 2 and all(isinstance(e, int) for e in hold_end)
+                             and 0 <= hold_end[0] < hold_end[1]):
+            raise ValueError(f"pose_curriculum: expected two epochs, hold and end, 0 <= hold < end (or none), "
+                             f"got {self.pose_curriculum!r}")
         for d, options in self.distortion_schedule.items():
             for name, knots in options.items():
                 epochs = [k[0] for k in knots] if all(len(k) == 2 for k in knots) else None
-                if not knots or epochs is None or epochs != sorted(set(epochs)):
+                shapes = {len(k[1]) if isinstance(k[1], (list, tuple)) else None for k in knots} if epochs else None
+                if not knots or epochs is None or epochs != sorted(set(epochs)) or len(shapes) != 1:
                     raise ValueError(f"distortion_schedule[{d!r}][{name!r}]: expected [[epoch, value], ...] with "
-                                     f"increasing epochs, got {knots!r}")
+                                     f"increasing epochs and values all numbers or all lists of one length, "
+                                     f"got {knots!r}")
 
     def options(self, distortion):
         """The options of ``distortion`` for validation and test (and training without a schedule)."""
@@ -191,27 +208,57 @@ class Config(TaskConfig):
     def train_options(self, distortion, epoch):
         """The options of ``distortion`` for training epoch ``epoch`` (0-based): :meth:`options`, with
         every option in ``distortion_schedule[distortion]`` set to its value at that epoch (the hook for
-        a curriculum; override it for schedules that knots cannot say). Without a schedule for it, R's
+        a curriculum; override it for schedules that knots cannot say). Without a schedule for them,
+        RTS's ``translate``, ``scale`` and ``max_angle`` follow ``pose_curriculum`` (when given), and R's
         and RTS's ``max_angle`` follows ``curriculum``."""
         opts = self.options(distortion)
-        scheduled = self.distortion_schedule.get(distortion, {})
-        if self.curriculum and distortion in ROTATING and "max_angle" not in scheduled:
+        schedule = dict(self.distortion_schedule.get(distortion, {}))
+        if distortion == "RTS" and self.pose_curriculum:
+            schedule = {**pose_schedule(*self.pose_curriculum, opts), **schedule}
+        if self.curriculum and distortion in ROTATING and "max_angle" not in schedule:
             opts["max_angle"] = curriculum_angle(opts.get("max_angle", FULL_ANGLE[distortion]), epoch,
                                                  self.curriculum)
-        for name, knots in self.distortion_schedule.get(distortion, {}).items():
+        for name, knots in schedule.items():
             opts[name] = _interpolate(knots, epoch)
         return opts
 
+    def localization_lr_scale_for(self, distortion):
+        """The localisation networks' rate factor on ``distortion`` (see ``pose_curriculum``)."""
+        boost = POSE_LR_SCALE if distortion == "RTS" and self.pose_curriculum else 1.0
+        return self.localization_lr_scale * boost
+
+
+POSE_LR_SCALE = 3.0  # RTS's localisation rate under the pose curriculum, times --localization-lr-scale
+
+
+def pose_schedule(hold, end, options):
+    """RTS's pose curriculum as ``distortion_schedule`` knots: centred, unscaled digits rotated by up to
+    6 growing to 90 degrees until epoch ``hold``; then, by epoch ``end``, RTS's translation, scale range
+    and largest rotation (``options``' or the defaults)."""
+    full_angle = options.get("max_angle", FULL_ANGLE["RTS"])
+    scale = list(options.get("scale", RTS_SCALE))
+    translate = float(options.get("translate", True))
+    return {"translate": [[0, 0.0], [hold, 0.0], [end, translate]],
+            "scale": [[0, [1.0, 1.0]], [hold, [1.0, 1.0]], [end, scale]],
+            "max_angle": [[0, 6.0], [hold, FULL_ANGLE["R"]], [end, full_angle]]}
+
 
 def _interpolate(knots, epoch):
+    """The value of ``knots`` ([[epoch, value], ...]) at ``epoch``: linear between knots; a value may be
+    a number or a list of numbers (e.g. RTS's ``scale`` range), interpolated element by element."""
+    def between(a, b, f):
+        if isinstance(a, (list, tuple)):
+            return tuple(between(x, y, f) for x, y in zip(a, b, strict=True))
+        return a + (b - a) * f
+
     (e0, v0) = knots[0]
     if epoch <= e0:
-        return v0
+        return tuple(v0) if isinstance(v0, list) else v0
     for (e1, v1) in knots[1:]:
         if epoch <= e1:
-            return v0 + (v1 - v0) * (epoch - e0) / (e1 - e0)
+            return between(v0, v1, (epoch - e0) / (e1 - e0))
         e0, v0 = e1, v1
-    return v0
+    return tuple(v0) if isinstance(v0, list) else v0
 
 
 class DataError(ValueError):
@@ -477,35 +524,32 @@ def fit(model, cfg, train_data, seed, val_error=None, bar=None, loss=cross_entro
     return Fit(losses, val_errors, kept, time.perf_counter() - start)
 
 
-def channels_last(x):
-    """Images (N, C, H, W) stored channels-last, as the classify task's models are too: the CPU's
-    convolutions (oneDNN) are faster so on these narrow layers, most of all the one-channel ones (a
-    training step of the default job's models on one thread: about 30% faster, 2026-12-07); other
-    tensors as they are."""
-    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
-
-
 def train_one(model_name, distortion, seed, digits, cfg, bar=None):
     """Train one model of ``cfg`` on (``distortion``, ``seed``); returns a :class:`Trained`."""
     dev = torch.device(cfg.device)
     test_x, test_params = distorted_test_set(distortion, digits, seed, cfg)
-    test_x, test_y = channels_last(test_x.to(dev)), digits.test_y.to(dev)
+    test_x, test_y = test_x.to(dev), digits.test_y.to(dev)
     val_error = None
     if digits.val_x is not None and len(digits.val_y):
         val_x = distort(distortion, digits.val_x, _gen("val", distortion, seed), object_scale=digits.object_scale,
-                        **cfg.options(distortion))
-        val_x, val_y = channels_last(val_x.to(dev)), digits.val_y.to(dev)
+                        **cfg.options(distortion)).to(dev)
+        val_y = digits.val_y.to(dev)
         val_error = lambda m: evaluate(m, val_x, val_y)  # noqa: E731
+    if cfg.localization_lr_scale_for(distortion) != cfg.localization_lr_scale:
+        cfg = replace(cfg, localization_lr_scale=cfg.localization_lr_scale_for(distortion))
     torch.manual_seed(_seed("init", model_name, seed))
     model = build(model_name, test_x.shape[-1], cfg.st_size, classes=digits.num_classes).to(dev)
     with torch.no_grad():
         model(test_x[:2])  # materialise lazy layers before the optimizer sees them
+    # convolution weights channels-last, so their outputs are too: the CPU's convolutions (oneDNN) run
+    # these narrow layers faster so, most of all the one-channel ones (a training step of the default
+    # job's models on one thread: about 30% faster, 2026-12-07); (N, 1, H, W) images are the same either way
     model.to(memory_format=torch.channels_last)
 
     def train_data(epoch):
         x = distort(distortion, digits.train_x, _gen("train", distortion, seed, epoch),
                     object_scale=digits.object_scale, **cfg.train_options(distortion, epoch))
-        return channels_last(x.to(dev)), digits.train_y.to(dev)
+        return x.to(dev), digits.train_y.to(dev)
 
     f = fit(model, cfg, train_data, seed, val_error, bar)
     return Trained(model, evaluate(model, test_x, test_y), f.val_errors[f.kept_epoch] if f.val_errors else None,
@@ -905,6 +949,7 @@ def _classify_job(cfg, job, bar=None):
          "params": count_parameters(t.model), "train_seconds": round(t.seconds, 2),
          "kept_epoch": t.kept_epoch, "train_loss": [round(v, 5) for v in t.train_loss],
          "val_errors": [round(v, 3) for v in t.val_errors],
+         "localization_lr_scale": cfg.localization_lr_scale_for(d),
          "threads": torch.get_num_threads()}  # (a run's last digits can depend on them)
     if d in ROTATING:
         if hasattr(t.model, "transformer") and t.model.transformer.family.name == "affine":
@@ -930,11 +975,17 @@ def run(cfg, log=_print):
     """Run the experiment described by ``cfg``; write results.json, table.md, figures/*.png (and with
     ``cfg.save_models`` models/*.pt) under ``cfg.out``; return the results dict. ``log`` gets one line
     per finished run; progress bars appear only when ``cfg.progress`` and stdout and stderr are a
-    terminal."""
+    terminal.
+
+    With ``cfg.workers`` other than 1 on the CPU (the default, 0: one process per CPU thread) the runs
+    train in spawned processes (:func:`run_jobs`): call this under ``if __name__ == "__main__":`` in a
+    script, and define a ``Config`` subclass (e.g. one overriding ``train_options``) in an importable
+    module, not in ``__main__`` or a notebook; ``workers=1`` trains them here, one after another."""
     session = Session.start(cfg, log)
     session.open_bar(len(cfg.distortions) * len(cfg.seeds) * len(cfg.models) * cfg.epochs)
     digits, out = session.digits, session.out
     jobs = [(d, m, s) for d in cfg.distortions for s in cfg.seeds for m in cfg.models]
+    session.describe(f"classify: {len(jobs)} runs")
 
     def done(job, got):
         got[0]["code"] = session.code

@@ -265,6 +265,8 @@ NONSENSE = [
     (["--keep", "best", "--val-fraction", "0"],
      "--keep: 'best' chooses on the validation split: give --val-fraction > 0"),
     (["--curriculum", "-2"], "--curriculum: expected a number of epochs >= 0, got -2"),
+    (["--pose-curriculum", "5", "3"],
+     "--pose-curriculum: expected two epochs, hold and end, 0 <= hold < end (or none), got (5, 3)"),
     (["--seeds", "0", "1", "0"], "--seeds: 0 given twice"),
     (["--models", "CNN", "CNN"], "--models: CNN given twice"),
     (["--distortions", "R", "R"], "--distortions: R given twice"),

@@ -200,7 +200,7 @@ def test_bad_model_and_config():
 
 def test_smoke_run_every_model(reference, tmp_path):
     cfg = Config(distortions=("RTS", "E"), models=MODELS, seeds=(0, 1), epochs=1, train_limit=48, test_limit=20,
-                 batch_size=16, out=str(tmp_path / "run"), progress=False, figure_count=5)
+                 batch_size=16, out=str(tmp_path / "run"), progress=False, figure_count=5, workers=1)
     summary = run(cfg, log=lambda *a: None)
     res = summary["results"]
     assert len(res) == 2 * len(MODELS) * 2
@@ -233,7 +233,8 @@ def test_format_table_mean_and_spread():
 def test_cli(reference, tmp_path, capsys):
     folder = _write_mnist(tmp_path / "idx", n_train=20, n_test=8)
     assert main(["--data", str(folder), "--models", "CNN", "ST-FCN-tps", "--seeds", "3", "--epochs", "1",
-                 "--batch-size", "8", "--distortions", "P", "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+                 "--batch-size", "8", "--distortions", "P", "--out", str(tmp_path / "o"), "--no-progress",
+                 "--workers", "1"]) == 0
     printed = capsys.readouterr().out
     assert "data: idx, 18 train / 2 validation / 8 test images" in printed and "| ST-FCN-tps |" in printed
     saved = json.loads((tmp_path / "o" / "results.json").read_text())

@@ -168,6 +168,45 @@ def test_curriculum_schedule():
         Config(curriculum=-1)
 
 
+def test_distortion_schedule_interpolates_numbers_and_ranges():
+    """Knots schedule any option: a number (translate: the fraction of the room used) or a range (scale),
+    element by element; the curriculum still sets the angle when the schedule does not."""
+    cfg = Config(curriculum=4, distortion_schedule={"RTS": {
+        "translate": [[0, 0], [2, 0], [6, 1]], "scale": [[0, [1.0, 1.0]], [4, [0.7, 1.2]]]}})
+    opts = [cfg.train_options("RTS", e) for e in range(8)]
+    assert [o["translate"] for o in opts] == [0, 0, 0, 0.25, 0.5, 0.75, 1, 1]
+    assert [o["scale"] for o in opts][::2] == [(1.0, 1.0), (0.85, 1.1), (0.7, 1.2), (0.7, 1.2)]
+    assert opts[0]["max_angle"] == FULL_ANGLE["RTS"] / 4 and "scale" not in cfg.options("RTS")
+    for bad in ([[0, 1], [0, 2]], [[0, [1.0, 1.0]], [4, 0.7]], [[0, [1.0, 1.0]], [4, [0.7]]], []):
+        with pytest.raises(ValueError, match=r"distortion_schedule\['RTS'\]\['scale'\]: expected"):
+            Config(distortion_schedule={"RTS": {"scale": bad}})
+
+
+def test_pose_curriculum(reference, tmp_path):
+    """RTS: centred, unscaled digits rotated by up to 6 -> 90 degrees until epoch `hold`, then RTS's own
+    ranges by epoch `end`, the localisation rate x3 (RTS only); a schedule the user gives wins."""
+    cfg = Config(pose_curriculum=[4, 8], localization_lr_scale=0.5)
+    assert cfg.pose_curriculum == (4, 8) and Config().pose_curriculum == ()
+    opts = [cfg.train_options("RTS", e) for e in (0, 2, 4, 6, 8, 30)]
+    assert [o["translate"] for o in opts] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
+    assert [o["scale"] for o in opts] == [(1.0, 1.0)] * 3 + [(0.85, 1.1), (0.7, 1.2), (0.7, 1.2)]
+    assert [o["max_angle"] for o in opts] == [6.0, 48.0, 90.0, 67.5, 45.0, 45.0]
+    assert cfg.options("RTS") == {} and cfg.train_options("R", 0)["max_angle"] == 90.0 / 15
+    assert (cfg.localization_lr_scale_for("RTS"), cfg.localization_lr_scale_for("R")) == (1.5, 0.5)
+    assert Config().localization_lr_scale_for("RTS") == 1.0
+    ran = run(Config(distortions=("R", "RTS"), models=("ST-CNN-aff",), seeds=(0,), epochs=2, train_limit=24,
+                     test_limit=8, batch_size=12, progress=False, workers=1, pose_curriculum=(1, 2),
+                     out=str(tmp_path / "run")), log=lambda *a: None)
+    assert [r["localization_lr_scale"] for r in ran["results"]] == [1.0, 3.0]
+    assert list(ran["config"]["pose_curriculum"]) == [1, 2]
+    own = Config(pose_curriculum=(4, 8), distortion_options={"RTS": {"scale": (0.8, 1.0), "translate": False}},
+                 distortion_schedule={"RTS": {"max_angle": [[0, 45]]}})
+    assert [own.train_options("RTS", 8)[k] for k in ("scale", "translate", "max_angle")] == [(0.8, 1.0), 0.0, 45]
+    for bad in ((8, 4), (4,), (-1, 3), (1.5, 3)):
+        with pytest.raises(ValueError, match=r"pose_curriculum: expected two epochs, hold and end, 0 <= hold < end"):
+            Config(pose_curriculum=bad)
+
+
 def test_validation_split_is_fixed_and_disjoint(digits):
     a, b = digits.hold_out(0.1), digits.hold_out(0.1)
     assert len(a.val_y) == round(0.1 * len(digits.train_y)) and len(a.train_y) + len(a.val_y) == len(digits.train_y)
@@ -231,7 +270,7 @@ def test_limits_are_applied_before_conversion(tmp_path, monkeypatch):
 def test_save_models_and_load_model(reference, tmp_path, capsys):
     cfg = Config(distortions=("R",), models=("CNN", "ST-CNN-aff"), seeds=(0,), epochs=1, train_limit=40,
                  test_limit=10, val_fraction=0.25, batch_size=16, out=str(tmp_path / "run"), save_models=True,
-                 progress=True, figure_count=3)
+                 progress=True, figure_count=3, workers=1)
     summary = run(cfg)
     lines = [line for line in capsys.readouterr().out.splitlines() if " seed 0: " in line]
     assert len(lines) == 2 and all("% test error" in line and "params" in line for line in lines)  # one per run

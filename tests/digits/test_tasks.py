@@ -257,11 +257,13 @@ def test_runs_in_parallel_processes_equal_runs_in_this_one(reference, tmp_path):
 
 def test_classify_runs_in_parallel_processes_equal_runs_in_this_one(reference, tmp_path):
     """The main job too: --workers 2 gives the results of one run after another at one thread, in the
-    same (distortion, seed, model) order, and the same figures."""
+    same (distortion, seed, model) order, the same figures (the first seed's transformers) and the
+    same saved models, written by the workers."""
     from stn_triton.integrations.digits import experiment as E
+    from stn_triton.integrations.digits.models import load_model
 
-    common = dict(distortions=("R", "RTS"), models=("CNN", "ST-CNN-aff"), seeds=(0,), epochs=1, train_limit=40,
-                  test_limit=12, batch_size=16, progress=False, figure_count=2)
+    common = dict(distortions=("RTS",), models=("CNN", "ST-CNN-aff"), seeds=(1, 0), epochs=1, train_limit=40,
+                  test_limit=12, batch_size=16, progress=False, figure_count=2, save_models=True)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -271,17 +273,22 @@ def test_classify_runs_in_parallel_processes_equal_runs_in_this_one(reference, t
         two = E.run(E.Config(**common, out=str(tmp_path / "two"), workers=2), log=lines.append)
     finally:
         torch.set_num_threads(threads)
-    keys = ("distortion", "model", "seed", "error", "val_error", "train_loss", "params", "rotation", "threads")
+    keys = ("distortion", "model", "seed", "error", "val_error", "train_loss", "params", "rotation", "threads",
+            "model_file", "code")
     assert [{k: r[k] for k in keys if k in r} for r in one["results"]] == \
         [{k: r[k] for k in keys if k in r} for r in two["results"]]
-    assert [(r["distortion"], r["model"]) for r in two["results"]] == [
-        ("R", "CNN"), ("R", "ST-CNN-aff"), ("RTS", "CNN"), ("RTS", "ST-CNN-aff")]
+    assert [(r["distortion"], r["seed"], r["model"]) for r in two["results"]] == [
+        ("RTS", s, m) for s in (1, 0) for m in ("CNN", "ST-CNN-aff")]
     assert [r["threads"] for r in two["results"]] == [1] * 4
+    assert all(r["code"] == two["code"] for r in two["results"])
     assert sum("test error" in line for line in lines) == 4
-    for d in ("R", "RTS"):
-        a = Image.open(tmp_path / "one" / "figures" / f"{d}.png")
-        b = Image.open(tmp_path / "two" / "figures" / f"{d}.png")
-        assert a.size == b.size and a.tobytes() == b.tobytes()
+    for r in two["results"]:
+        a = load_model(tmp_path / "one" / r["model_file"]).state_dict()
+        b = load_model(tmp_path / "two" / r["model_file"]).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a = Image.open(tmp_path / "one" / "figures" / "RTS.png")
+    b = Image.open(tmp_path / "two" / "figures" / "RTS.png")
+    assert a.size == b.size and a.tobytes() == b.tobytes()
 
 
 def test_task_configs_refuse_bad_values():
