@@ -160,6 +160,7 @@ class Plan:
     even_c: bool  # C % block_c == 0
     Ho: int
     Wo: int
+    slice_h: int = 0  # a volume's rows per depth slice (its output plane is Do slices of them); 0 in 2-D
 
     @property
     def tile_w(self):
@@ -186,8 +187,19 @@ class Plan:
     def grid0(self, block_p=None, tpp=1):
         return triton.cdiv(self.n_rtiles(block_p), tpp) << self.log2_ct
 
-    def constexprs(self):
-        return dict(EVEN_C=self.even_c, LOG2_TW=self.log2_tw, LOG2_CT=self.log2_ct)
+    def one_slice(self, block_p=None):
+        """Every tile's rows lie in one depth slice of a volume (the slice's rows a multiple of the tile's),
+        so the kernels split a voxel's plane row into depth and row once per tile, not per voxel."""
+        return self.slice_h > 0 and self.slice_h % self.tile_h(block_p) == 0
+
+    def full_tiles(self, block_p=None):
+        """Every tile lies inside the output plane (its rows and columns multiples of the tile's): the
+        kernels then mask no pixel."""
+        return self.Ho % self.tile_h(block_p) == 0 and self.Wo % self.tile_w == 0
+
+    def constexprs(self, block_p=None):
+        return dict(EVEN_C=self.even_c, LOG2_TW=self.log2_tw, LOG2_CT=self.log2_ct,
+                    ONE_SLICE=self.one_slice(block_p), FULL=self.full_tiles(block_p))
 
 
 def _tile_width(Ho, Wo, block_p, max_w=64):
@@ -204,10 +216,11 @@ def _tile_width(Ho, Wo, block_p, max_w=64):
     return best[1].bit_length() - 1
 
 
-def plan(x, Ho, Wo, backward=False, mode="bilinear", per_tile=False):
+def plan(x, Ho, Wo, backward=False, mode="bilinear", per_tile=False, slice_h=0):
     """The default launch shape for sampling ``x`` (N, C, [D,] H, W) to an output plane of Ho rows
-    (Do * Ho for a volume) and Wo columns (see the module doc). ``per_tile``: the form reduces its
-    parameter terms per tile (basis), so fewer, larger backward tiles pay fewer reductions."""
+    (Do * Ho for a volume, whose slices have ``slice_h`` rows) and Wo columns (see the module doc).
+    ``per_tile``: the form reduces its parameter terms per tile (basis), so fewer, larger backward
+    tiles pay fewer reductions."""
     C = x.shape[1]
     ndim = x.dim() - 2
     if C > 1 and x.stride(1) == 1:  # channels innermost: a 16-byte vector of channels per thread
@@ -218,11 +231,11 @@ def plan(x, Ho, Wo, backward=False, mode="bilinear", per_tile=False):
         block_c = 1
         block_p = 128
     elif backward and taps(mode, ndim) > 4 and not per_tile:  # trilinear: one voxel per thread, 8 warps
-        return Plan(256, 1, _tile_width(Ho, Wo, 256), 8, True, Ho, Wo)
+        return Plan(256, 1, _tile_width(Ho, Wo, 256), 8, True, Ho, Wo, slice_h)
     else:
         block_c = 1
         block_p = 256 if backward else (512 if C <= 4 else 128)
-    return Plan(block_p, block_c, _tile_width(Ho, Wo, block_p), 4, C % block_c == 0, Ho, Wo)
+    return Plan(block_p, block_c, _tile_width(Ho, Wo, block_p), 4, C % block_c == 0, Ho, Wo, slice_h)
 
 
 # The autotuned alternatives: (pixels per program, warps per program), each a multiple of the default's.
@@ -277,7 +290,7 @@ def _launch(kernel, p, grid_yz, args, consts, device, key, reset=None, tpp=None)
 def _run(kernel, p, choice, grid_yz, args, consts, tpp):
     bp, warps = choice
     extra = {} if tpp is None else {"TPP": tpp}
-    kernel[(p.grid0(bp, tpp or 1), *grid_yz)](*args, **consts, **p.constexprs(), **extra, BLOCK_P=bp,
+    kernel[(p.grid0(bp, tpp or 1), *grid_yz)](*args, **consts, **p.constexprs(bp), **extra, BLOCK_P=bp,
                                                num_warps=warps)
 
 
@@ -355,6 +368,7 @@ class _Problem:
         self.D, self.H, self.W = ([1] + list(x.shape[2:]))[-3:]
         self.Do, self.Ho, self.Wo = ([1] + self.size)[-3:]
         self.P = self.Do * self.Ho * self.Wo
+        self.slice_h = self.Ho if self.ndim == 3 else 0  # a volume's output rows per depth slice
         self.R = 0 if form.shared_row else prm.shape[1]  # the row stride: 0 when one row serves all
         # the parameter-gradient columns: the matrix (the frame after it has none)
         self.n_terms = form.frame_at if form.frame else self.R
@@ -416,7 +430,7 @@ def sample_forward(form, x, prm, aux, K, size, DM, mode, padding_mode, align_cor
     if out.numel() == 0:
         return out
     _check_k(K)
-    p = plan(x, pb.Do * pb.Ho, pb.Wo, mode=mode)
+    p = plan(x, pb.Do * pb.Ho, pb.Wo, mode=mode, slice_h=pb.slice_h)
     consts = dict(pb.consts(), INT64=_int64(x, out, aux if pb.form.per_pixel else None), BLOCK_C=p.block_c)
     key = pb.key(p.block_c)
     for nb in _batches(pb.N):
@@ -499,7 +513,7 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
                 torch.zeros((NK, pb.n_terms), dtype=torch.float32, device=dev) if need_param else None,
                 gg if pb.form.per_pixel or gg is None else gg.reshape(NK, P, nd))
     deterministic = torch.are_deterministic_algorithms_enabled()
-    p = plan(x, pb.Do * pb.Ho, pb.Wo, backward=True, mode=mode, per_tile=pb.form.per_tile)
+    p = plan(x, pb.Do * pb.Ho, pb.Wo, backward=True, mode=mode, per_tile=pb.form.per_tile, slice_h=pb.slice_h)
 
     grad_x = None
     half = False
@@ -569,8 +583,9 @@ def _grad_input_deterministic(pb, grad_out):
     idx = _empty((N, E), itype, x.device)
     wt = _empty((N, E), torch.float32, x.device)
     goff = _empty((N, K * P), itype, x.device)
-    p = plan(x, pb.Do * pb.Ho, pb.Wo, mode=pb.mode)
+    p = plan(x, pb.Do * pb.Ho, pb.Wo, mode=pb.mode, slice_h=pb.slice_h)
     consts = dict(pb.consts(), INT64=int64, LOG2_NC=log2_nc, LOG2_TW=p.log2_tw, LOG2_CT=p.log2_ct,
+                  ONE_SLICE=p.one_slice(), FULL=p.full_tiles(),
                   BLOCK_P=p.block_p)
     s_g = pb.out_strides(grad_out)
     for nb in _batches(N):

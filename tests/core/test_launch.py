@@ -37,6 +37,33 @@ def test_several_tiles_per_program(request, device, many_tiles_per_program, form
     assert max(many_tiles_per_program) == launch.TPP_MAX
 
 
+# (form, input shape, output size, full tiles, one depth slice per tile): outputs whose tiles the
+# launcher knows to be whole (no pixel mask) and a volume's tiles to lie in one depth slice (one
+# division per tile), in every combination; each asserted of the forward, backward and tap-index plans
+WHOLE = [("affine", (2, 3, 11, 17), (16, 32), True, False),
+         ("grid", (2, 3, 11, 17), (16, 32), True, False),
+         ("affine3d", (1, 2, 5, 7, 9), (3, 16, 32), True, True),
+         ("flow3d", (1, 2, 5, 7, 9), (4, 4, 32), True, False),  # 16- and 8-row tiles across 4-row slices
+         ("affine_flow3d", (1, 2, 5, 7, 9), (3, 16, 30), False, True)]
+
+
+@pytest.mark.parametrize("deterministic", (False, True), ids=("atomic", "deterministic"))
+@pytest.mark.parametrize("form,shape,size,full,one_slice", WHOLE, ids=[c[0] for c in WHOLE])
+def test_whole_tiles_and_one_slice(request, device, form, shape, size, full, one_slice, deterministic):
+    """The kernels' unmasked whole tiles and per-tile depth against the float64 oracle."""
+    x = torch.empty(shape, device="meta")
+    rows, nd = size[-2] * (size[0] if len(size) == 3 else 1), len(size)
+    for backward in (False, True):
+        p = launch.plan(x, rows, size[-1], backward=backward, slice_h=size[-2] if nd == 3 else 0)
+        assert (p.full_tiles(), p.one_slice()) == (full, one_slice), (backward, p)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        check_case(request, device, form, "bilinear", "zeros", False, torch.float32, "contiguous",
+                   shape=shape, K=2, size=size)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_tiles_per_program_choice():
     x = torch.empty(64, 3, 448, 448, device="meta")
     p = launch.plan(x, 224, 224, backward=True)
