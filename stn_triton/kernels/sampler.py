@@ -37,7 +37,10 @@ Launch shape (every kernel here): a 3-D grid ``(tile, k, n)`` over the output's 
 ``r = d * Ho + i`` (2-D: ``r = i``) and columns ``j``. A tile is ``TILE_H x TILE_W`` pixels,
 ``TILE_W = 2**LOG2_TW``, so a pixel's row and column are a shift and a mask of its lane; column tiles
 are numbered up to ``2**LOG2_CT`` (the programs past the image return at once). Offsets are int32
-unless a tensor reaches past 2^31 elements (``INT64``).
+unless a tensor reaches past 2^31 elements (``INT64``). Where the launcher knows every tile to be whole
+(``FULL``) no pixel is masked; otherwise the forward repeats the plane's last row and column in a
+tile's pixels past it (:func:`_repeat_edges`: no mask either) and the backward masks them. Where a
+volume's tiles each lie in one depth slice (``ONE_SLICE``) a tile's depth is one division per tile.
 
 The input gradient is a scatter: relaxed atomics (no fences) into a float32 buffer or, for
 channels-last half-precision inputs with few contributions per pixel, the gradient itself with
@@ -79,6 +82,19 @@ def _tile(R_OUT, Wo, INT64: tl.constexpr, LOG2_TW: tl.constexpr, LOG2_CT: tl.con
         r = r.to(tl.int64)
         j = j.to(tl.int64)
     return n, k, tile_r, tile_c, r, j, _inside(r, j, R_OUT, Wo, FULL)
+
+
+@triton.jit
+def _repeat_edges(r, j, R_OUT, Wo, FULL: tl.constexpr):
+    """The tile's pixels with those past the output plane moved onto its last row and column (``FULL``:
+    none are). The forward computes such a pixel exactly as the edge pixel it repeats and stores the
+    same bytes at the same address, so it needs no pixel mask at all: no mask reaches a tap, a load
+    or the store (mnist's forward: 37-40 -> 32 registers in the compile-only model, NOTES.md). A
+    backward must not repeat a contribution, so it masks instead (:func:`_inside`)."""
+    if FULL:
+        return r, j
+    else:
+        return tl.minimum(r, R_OUT - 1), tl.minimum(j, Wo - 1)
 
 
 @triton.jit
@@ -351,16 +367,18 @@ def sample_fwd_kernel(
     BLOCK_P: tl.constexpr,  # pixels per program (a power of two, >= the tile width)
     BLOCK_C: tl.constexpr,  # channels per step: 1 (planar inputs) or a 16-byte vector (channels-last)
 ):
-    n, k, tile_r, tile_c, r, j, mask_p = _tile(Do * Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P, FULL)
+    n, k, tile_r, tile_c, r, j, _ = _tile(Do * Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P, FULL)
     if tile_c * (1 << LOG2_TW) >= Wo:  # a column tile past the image (2**LOG2_CT rounds up)
         return
     P = Do * Ho * Wo
     nk = n * K + k
     frame = field_frame(p_prm + nk * R, FRAME, NDIM)
+    r, j = _repeat_edges(r, j, Do * Ho, Wo, FULL)
+    every = _inside(r, j, Do * Ho, Wo, True)  # all true: no pixel mask anywhere
     d, i, b, g, w = _coords(COORDS, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, s_ad, s_ah, s_aw, s_ac,
-                            r, tile_r * (BLOCK_P >> LOG2_TW), j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz,
+                            r, tile_r * (BLOCK_P >> LOG2_TW), j, every, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz,
                             frame, FN, NDIM, ONE_SLICE)
-    ax, ay, az, _ = _taps(g, mask_p, W, H, D, s_xw, s_xh, s_xd, s_xw, s_xh, s_xd, MODE, PAD, ALIGN, FMA, INT64,
+    ax, ay, az, _ = _taps(g, every, W, H, D, s_xw, s_xh, s_xd, s_xw, s_xh, s_xd, MODE, PAD, ALIGN, FMA, INT64,
                           NDIM, False, True)
     ox, _, mx, wx, _ = ax
     oy, _, my, wy, ey = ay
@@ -369,7 +387,7 @@ def sample_fwd_kernel(
     p_xn = p_x + n * s_xn
     p_on = p_out + n * s_on + k * s_ok
     o_out = _offset(d, i, j, s_od, s_oh, s_ow, NDIM)[:, None]  # [BP, 1]
-    m_out = mask_p[:, None]
+    m_out = every[:, None]  # a repeated edge pixel stores its edge pixel's value where that one does
     NR: tl.constexpr = NT ** (NDIM - 1)  # rows of taps
     offs_c = tl.arange(0, BLOCK_C)[None, :]  # [1, BC]
     for c0 in range(0, C, BLOCK_C):
