@@ -26,8 +26,9 @@ def basis_coords(p_m, p_b, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN: tl.const
     gx = tl.zeros(q.shape, tl.float32)
     gy = tl.zeros(q.shape, tl.float32)
     gz = tl.zeros(q.shape, tl.float32)
+    p_q = p_b + q  # each pixel's column of B, made once: a row is then one scalar step away
     for e in range(0, DM):
-        b_e = tl.load(p_b + e * P + q, mask=mask_p, other=0.0)
+        b_e = tl.load(p_q + e * P, mask=mask_p, other=0.0)
         gx += tl.load(p_m + e) * b_e
         gy += tl.load(p_m + DM + e) * b_e
         if NDIM == 3:
@@ -43,9 +44,10 @@ def basis_terms(acc, p_part, p_m, p_b, q, mask_p, P, DM, b, g, w, gg, FN: tl.con
     # The step is written as a literal so that the model can count the loop's trips.
     gg_x, gg_y, gg_z = gg
     rows = tl.arange(0, 2)
+    p_q = (p_b + q)[None, :]  # each pixel's column of B, made once
     for e0 in range(0, DM, 2):
         m_e = (e0 + rows) < DM
-        blk = tl.load(p_b + (e0 + rows)[:, None] * P + q[None, :], mask=m_e[:, None] & mask_p[None, :], other=0.0)
+        blk = tl.load(p_q + ((e0 + rows) * P)[:, None], mask=m_e[:, None] & mask_p[None, :], other=0.0)
         tl.store(p_part + e0 + rows, tl.sum(blk * gg_x[None, :], axis=1), mask=m_e)
         tl.store(p_part + DM + e0 + rows, tl.sum(blk * gg_y[None, :], axis=1), mask=m_e)
         if NDIM == 3:
