@@ -47,10 +47,14 @@ WHOLE = [("affine", (2, 3, 11, 17), (16, 32), True, False),
          ("affine_flow3d", (1, 2, 5, 7, 9), (3, 16, 30), False, True)]
 
 
+@pytest.mark.parametrize("int64", (False, True), ids=("int32", "int64"))
 @pytest.mark.parametrize("deterministic", (False, True), ids=("atomic", "deterministic"))
 @pytest.mark.parametrize("form,shape,size,full,one_slice", WHOLE, ids=[c[0] for c in WHOLE])
-def test_whole_tiles_and_one_slice(request, device, form, shape, size, full, one_slice, deterministic):
-    """The kernels' unmasked whole tiles and per-tile depth against the float64 oracle."""
+def test_whole_tiles_and_one_slice(request, device, monkeypatch, form, shape, size, full, one_slice, deterministic,
+                                   int64):
+    """The kernels' unmasked whole tiles and per-tile depth against the float64 oracle, with 32- and
+    64-bit indices."""
+    monkeypatch.setattr(launch, "FORCE_INT64", int64)
     x = torch.empty(shape, device="meta")
     rows, nd = size[-2] * (size[0] if len(size) == 3 else 1), len(size)
     for backward in (False, True):
