@@ -17,10 +17,13 @@ vanish).
 
 What it serves (:func:`inverse_table` decides on the host, per launch): the affine forms (2-D, 3-D),
 linear sampling, zeros padding, or border and reflection padding when every output pixel's source lies
-strictly inside the input (where neither padding changes it), finite and well-conditioned maps whose
-box is small (:data:`SMALL_BOX`) or at most :data:`MAX_WASTE` times the preimage it bounds. Everything else keeps the sorted gather
-(:mod:`stn_triton.kernels.sampler`).
+strictly inside the input (where neither padding changes it), finite maps of condition at most
+:data:`MAX_CONDITION` whose box is small (:data:`SMALL_BOX`) or at most :data:`MAX_WASTE` times the
+preimage it bounds. Everything else keeps the sorted gather (:mod:`stn_triton.kernels.sampler`). The
+table also gives the class backward (:func:`stn_triton.kernels.launch.class_stride`) its maps' spread.
 """
+
+import math
 
 import torch
 import triton
@@ -34,9 +37,16 @@ SMALL_BOX = 16
 MAX_WASTE = 8
 MAX_CANDIDATES = 1 << 16
 MAX_ENTRY = 2.0**24  # every entry of a served map's row below this (float32 sums that cannot overflow)
-# float32 entries per (n, k): M 3x3 at 0, M^-1 3x3 at 9, c' at 18, half-extents at 21, trips at 24, ok at 27
+# a served map's condition number (max-norm bound ||M|| ||M^-1||) at most this: a strongly anisotropic map
+# (one axis squeezed many times more than another) gathers many contributions per pixel whose weights, made
+# from the table's float32 map rather than the forward's own coordinates, differ by rounding that adds up
+# past float32's tolerance (found: 7e-5 on a map of condition 46); such maps keep the sorted gather
+MAX_CONDITION = 16.0
+# float32 entries per (n, k): M 3x3 at 0, M^-1 3x3 at 9, c' at 18, half-extents at 21, trips at 24, ok at 27,
+# M^-1's largest absolute row sum at 28 (how far apart in output pixels sources 1 pixel apart can be)
 TABLE = 32
 OK = 27
+SPREAD = 28
 
 
 def reach(ndim):
@@ -52,8 +62,18 @@ def inverse_table(pb, fill):
 
     One launch, one reduction and one host synchronisation (whether every map qualifies); on the meta
     device (the compile-only report) the table is made without looking at its values."""
+    table, _ = inverse_plan(pb, fill)
+    return table
+
+
+def inverse_plan(pb, fill):
+    """:func:`inverse_table`'s table (or None), and the largest absolute row sum of any map's M^-1 (or
+    inf when no table serves): what the class backward (:func:`stn_triton.kernels.launch.class_stride`)
+    needs. One host synchronisation reads both; on the meta device (the compile-only report), the
+    spread is estimated from the sizes (the benchmarks' maps: each axis scaled by output over input size,
+    off-diagonal terms a tenth of it)."""
     if pb.form.kind != "affine" or pb.mode != "bilinear":
-        return None
+        return None, math.inf
     nd, NK = pb.ndim, pb.N * pb.K
     table = fill(torch.empty((NK, TABLE), dtype=torch.float32, device=pb.x.device))
     bx, by, bz = BLOCKS[nd]
@@ -61,11 +81,17 @@ def inverse_table(pb, fill):
     inverse_table_kernel[(triton.cdiv(NK, block),)](
         table, pb.prm, NK, pb.W, pb.H, pb.D, pb.Wo, pb.Ho, pb.Do, *pb.geometry,
         NDIM=nd, ALIGN=pb.align_corners, INSIDE=pb.padding_mode != "zeros", BX=bx, BY=by, BZ=bz,
-        SMALL=SMALL_BOX, WASTE=MAX_WASTE, MAXC=MAX_CANDIDATES, MAXE=MAX_ENTRY, BLOCK=block)
-    served = table[:, OK].amin()  # (the compile-only report records the reduction, and does not read it)
-    if pb.x.device.type != "meta" and not served.item() > 0:
-        return None
-    return table
+        SMALL=SMALL_BOX, WASTE=MAX_WASTE, MAXC=MAX_CANDIDATES, MAXE=MAX_ENTRY, MAXCOND=MAX_CONDITION,
+        BLOCK=block)
+    # (the compile-only report records the reductions, and does not read them)
+    stats = torch.stack([table[:, OK].amin(), table[:, SPREAD].amax()])
+    if pb.x.device.type == "meta":
+        ratio = max(o / max(i, 1) for o, i in ((pb.Wo, pb.W), (pb.Ho, pb.H), (pb.Do, pb.D))[:nd])
+        return table, ratio * (1.0 + 0.1 * (nd - 1))
+    served, spread = stats.tolist()
+    if not served > 0:
+        return None, math.inf
+    return table, spread
 
 
 @triton.jit
@@ -96,7 +122,8 @@ def inverse_table_kernel(
     NDIM: tl.constexpr, ALIGN: tl.constexpr,
     INSIDE: tl.constexpr,  # border or reflection padding: serve only maps whose sources stay inside the input
     BX: tl.constexpr, BY: tl.constexpr, BZ: tl.constexpr,
-    SMALL: tl.constexpr, WASTE: tl.constexpr, MAXC: tl.constexpr, MAXE: tl.constexpr, BLOCK: tl.constexpr,
+    SMALL: tl.constexpr, WASTE: tl.constexpr, MAXC: tl.constexpr, MAXE: tl.constexpr, MAXCOND: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Per transform (one lane each), in float64: the pixel-unit map s = M o + c (theta, the base grid
     and the unnormalisation folded), its inverse o = M^-1 s + c', the half-extents of a block's preimage
@@ -166,6 +193,17 @@ def inverse_table_kernel(
     for e in tl.static_range(9):
         ok = ok & (tl.abs(m[e]) < MAXE) & (tl.abs(inv[e]) < MAXE)
     ok = ok & ((box_pts <= SMALL) | ((box_pts <= WASTE * vol / tl.abs(det)) & (box_pts <= MAXC)))
+    norm = zero  # the largest absolute row sums of M and of M^-1 (the spread), and their product's bound
+    spread = zero
+    for a in tl.static_range(NDIM):
+        rs = zero
+        rs_inv = zero
+        for b in tl.static_range(NDIM):
+            rs += tl.abs(m[3 * a + b])
+            rs_inv += tl.abs(inv[3 * a + b])
+        norm = tl.maximum(norm, rs)
+        spread = tl.maximum(spread, rs_inv)
+    ok = ok & (norm * spread <= MAXCOND)
     row = p_tab + r * 32
     for e in tl.static_range(9):
         tl.store(row + e, m[e].to(tl.float32), mask=live)
@@ -175,8 +213,9 @@ def inverse_table_kernel(
         tl.store(row + (21 + b), tl.where(ok, ext[b], 0.0).to(tl.float32), mask=live)
         tl.store(row + (24 + b), tl.where(ok, trips[b], 0.0).to(tl.float32), mask=live)
     tl.store(row + 27, tl.where(ok, 1.0, 0.0).to(tl.float32), mask=live)
-    for e in tl.static_range(4):
-        tl.store(row + (28 + e), zero.to(tl.float32), mask=live)
+    tl.store(row + 28, tl.where(ok, spread, float("inf")).to(tl.float32), mask=live)
+    for e in tl.static_range(3):
+        tl.store(row + (29 + e), zero.to(tl.float32), mask=live)
 
 
 @triton.jit

@@ -27,9 +27,10 @@ default); in Triton's interpreter and in compile-only runs the default is launch
 """
 
 import functools
+import itertools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -38,7 +39,7 @@ import triton.language as tl
 from .basis import basis_grad_kernel
 from .codes import MODE_CODES, PADDING_CODES, TAPS_PER_AXIS, log2_taps, taps
 from .forms import FORMS
-from .inverse import BLOCKS as INVERSE_BLOCKS, inverse_grad_input_kernel, inverse_table, reach as inverse_reach
+from .inverse import BLOCKS as INVERSE_BLOCKS, inverse_grad_input_kernel, inverse_plan, reach as inverse_reach
 from .sampler import gather_grad_input_kernel, sample_bwd_kernel, sample_fwd_kernel, tap_index_kernel
 
 INT32_LIMIT = 2**31
@@ -58,6 +59,19 @@ INVERSE_CHANNELS = 4  # channels per program of the inverse-map gather (each lan
 # sorted gather's kernels 5.1, 10.5, 20.1 plus a sort of 46 MB of keys, about 14 us at the DRAM
 # floor; benchmarks/NOTES.md)
 INVERSE_MAX_CHANNELS = 32
+# The class backward (deterministic, affine forms, linear sampling): a map's output pixels are split into
+# s**ndim classes (s apart on every axis) whose 2 x 2 (x 2) taps never meet, one launch per class and map in
+# a fixed order, plain read-modify-write instead of atomics. Served when s <= CLASS_MAX; s is the smallest
+# integer above CLASS_MARGIN times the largest absolute row sum of M^-1 (2 would do in exact arithmetic:
+# sources 2 input pixels apart share no tap; the margin covers rounding in the kernel's coordinates).
+CLASS_MAX = 4
+CLASS_MARGIN = 2.5
+# ... and only where its launches are few and full: at most CLASS_MAX_LAUNCHES (classes times maps; each is a
+# Triton launch, whose host-side cost the compile-only model does not see) and at least CLASS_MIN_PIXELS
+# output pixels per class and image (a small image's classes leave most of every tile's lanes idle: mnist's
+# 28 x 28 in 9 classes models 35% slower than the inverse gather)
+CLASS_MAX_LAUNCHES = 16
+CLASS_MIN_PIXELS = 4096
 
 
 def fill_new(t):
@@ -161,6 +175,7 @@ class Plan:
     Ho: int
     Wo: int
     slice_h: int = 0  # a volume's rows per depth slice (its output plane is Do slices of them); 0 in 2-D
+    masked: bool = False  # mask every tile (the class backward's subgrids differ in size by class)
 
     @property
     def tile_w(self):
@@ -195,7 +210,7 @@ class Plan:
     def full_tiles(self, block_p=None):
         """Every tile lies inside the output plane (its rows and columns multiples of the tile's): the
         kernels then mask no pixel."""
-        return self.Ho % self.tile_h(block_p) == 0 and self.Wo % self.tile_w == 0
+        return not self.masked and self.Ho % self.tile_h(block_p) == 0 and self.Wo % self.tile_w == 0
 
     def constexprs(self, block_p=None):
         return dict(EVEN_C=self.even_c, LOG2_TW=self.log2_tw, LOG2_CT=self.log2_ct,
@@ -517,9 +532,18 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
 
     grad_x = None
     half = False
+    cls = 0  # the class backward's classes per axis (0: not taken)
     if need_x:
         if deterministic:
-            grad_x = _grad_input_deterministic(pb, grad_out)
+            if C <= INVERSE_MAX_CHANNELS or class_stride(0.0, pb):  # either fixed-order path may serve
+                table, spread = inverse_plan(pb, fill_new)
+            else:
+                table, spread = None, math.inf
+            cls = class_stride(spread, pb)
+            if cls:
+                grad_x = torch.zeros_like(x, dtype=torch.float32)
+                return _class_backward(pb, grad_out, grad_x, cls, need_param)
+            grad_x = _grad_input_deterministic(pb, grad_out, table if C <= INVERSE_MAX_CHANNELS else None)
         else:
             half = half_accumulation(x, K, pb.size, mode, p)
             grad_x = torch.zeros_like(x, dtype=x.dtype if half else torch.float32)
@@ -550,7 +574,7 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
                     _rows(part, nb, K) if part is not None else prm, ggb if ggb is not None else prm,
                     *pb.x_strides(xb), *pb.out_strides(gob), *d_strides, *s_a,
                     *(pb.grid_strides(ggb) if ggb is not None else (0,) * 6),
-                    C, *pb.sizes(), NPROG, p.n_ctiles, *pb.geometry)
+                    C, *pb.sizes(), NPROG, p.n_ctiles, *pb.geometry, 0, 0, 0, 0, 0, 0, 0)  # not a class launch
             bp, _ = _launch(sample_bwd_kernel, p, (K, nb.stop - nb.start), args, consts, dev, key,
                             reset=[d_buf] if atomics else None, tpp=tpp)
     if atomics and not half:
@@ -563,9 +587,70 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
     return grad_x, grad_prm, gg
 
 
-def _grad_input_deterministic(pb, grad_out):
-    """dL/dx as a gather in a fixed order: by the inverse map where it serves (:mod:`.inverse`), else
-    list the contributions, sort them by target pixel (stable), sum in order."""
+def class_stride(spread, pb=None):
+    """Classes per axis of the class backward for maps whose M^-1 has largest absolute row sum
+    ``spread`` (two outputs of a class, s * (a, b[, c]) apart, have sources at least
+    s / spread > CLASS_MARGIN input pixels apart on some axis), or 0 past :data:`CLASS_MAX`; with the
+    problem ``pb``, also 0 past :data:`CLASS_MAX_LAUNCHES` or under :data:`CLASS_MIN_PIXELS`."""
+    if not math.isfinite(spread) or CLASS_MAX < 2:
+        return 0
+    s = max(2, math.floor(CLASS_MARGIN * spread) + 1)
+    if s > CLASS_MAX:
+        return 0
+    if pb is not None:
+        classes = s ** pb.ndim
+        if classes * pb.K > CLASS_MAX_LAUNCHES or pb.P < classes * CLASS_MIN_PIXELS:
+            return 0
+    return s
+
+
+def _class_backward(pb, grad_out, grad_x, s, need_param):
+    """The deterministic backward of an affine map with linear sampling, without atomics: every map's
+    output pixels in s**ndim classes (pixels s apart on every axis: their taps never meet), one launch of
+    the backward kernel per (class, map) in a fixed order, each adding its pixels' contributions to
+    dL/dx with plain loads and stores (so every input pixel's sum is taken in that order, the same on
+    every run) and writing its parameter partials, summed in a fixed order at the end."""
+    x, N, K, C, R, nd = pb.x, pb.N, pb.K, pb.C, pb.R, pb.ndim
+    NK, dev = N * K, x.device
+    sub = [triton.cdiv(n, s) for n in (pb.Do, pb.Ho, pb.Wo)]  # class 0's subgrid (the largest)
+    if nd == 2:
+        sub[0] = 1
+    p = replace(plan(x, sub[0] * sub[1], sub[2], backward=True, mode=pb.mode, per_tile=pb.form.per_tile),
+                masked=True)  # subgrids of several sizes share the plan: masked tiles
+    tpp = tiles_per_program(pb.form, p, C, 1, N)
+    NPROG = max(p.n_programs(bp, tpp) for bp, _ in _choices(p, dev))
+    offsets = list(itertools.product(*[range(s) if a >= 3 - nd else [0] for a in range(3)]))  # (z, y, x)
+    part = torch.zeros((len(offsets), NK, NPROG, R), dtype=torch.float32, device=dev) if need_param else None
+    consts = dict(pb.consts(), TERMS=pb.form.terms, GRAD_FN=pb.form.grad_fn, NACC=pb.form.nacc, NEED_X=True,
+                  NEED_G=need_param, NEED_PARAM=need_param, WRITE_GG=False,
+                  INT64=_int64(x, grad_out, grad_x, extra=len(offsets) * NK * NPROG * R), BLOCK_C=p.block_c,
+                  CLS=s)
+    key = pb.key(p.block_c, "class", s, need_param)
+    bp = p.block_p
+    for nb in _batches(N):
+        xb, gob, gxb = x[nb], grad_out[nb], grad_x[nb]
+        auxb, s_a = pb.aux_args(nb)
+        for c, (cz, cy, cx) in enumerate(offsets):
+            dc, hc, wc = ((pb.Do - cz + s - 1) // s if nd == 3 else 1, (pb.Ho - cy + s - 1) // s,
+                          (pb.Wo - cx + s - 1) // s)
+            if dc * hc * wc == 0:
+                continue
+            for k in range(K):
+                args = (xb, gob, gxb, pb.prm_rows(nb), auxb, _rows(part[c], nb, K) if part is not None else pb.prm,
+                        pb.prm, *pb.x_strides(xb), *pb.out_strides(gob), *pb.x_strides(gxb), *s_a, *(0,) * 6,
+                        C, *pb.sizes(), NPROG, p.n_ctiles, *pb.geometry, k, cz, cy, cx, dc * hc, hc, wc)
+                bp, _ = _launch(sample_bwd_kernel, p, (1, nb.stop - nb.start), args, consts, dev, key,
+                                reset=[gxb], tpp=tpp)
+    grad_prm = None
+    if need_param:  # every class's programs, summed in a fixed order
+        grad_prm = part[:, :, :p.n_programs(bp, tpp), :pb.n_terms].sum(dim=(0, 2))
+    return grad_x.to(x.dtype), grad_prm, None
+
+
+def _grad_input_deterministic(pb, grad_out, table):
+    """dL/dx as a gather in a fixed order: by the inverse map where it serves (``table``, from
+    :func:`.inverse.inverse_plan`, or None), else list the contributions, sort them by target pixel
+    (stable), sum in order."""
     x, K, N, C, P = pb.x, pb.K, pb.N, pb.C, pb.P
     DHW = pb.D * pb.H * pb.W
     log2_nc = log2_taps(pb.mode, pb.ndim)
@@ -575,7 +660,6 @@ def _grad_input_deterministic(pb, grad_out):
         return grad_x
     if E == 0:
         return grad_x.zero_()
-    table = inverse_table(pb, fill_new) if C <= INVERSE_MAX_CHANNELS else None
     if table is not None:
         return _grad_input_inverse(pb, grad_out, grad_x, table)
     int64 = _int64(x, grad_out, pb.aux if pb.form.per_pixel else None, extra=max(N * E, N * (DHW + 1)))
@@ -650,11 +734,13 @@ def static_hints(name, args, grid):
     others return at once) and the expected trips of data-dependent loops; {} for other kernels."""
     if name in ("sample_fwd_kernel", "sample_bwd_kernel", "tap_index_kernel"):
         tw = 1 << args["LOG2_TW"]
-        n_ctiles = triton.cdiv(args["Wo"], tw)
+        cls = args.get("CLS", 0)  # a class launch tiles its class's subgrid
+        n_ctiles = triton.cdiv(args["SUB_W"] if cls else args["Wo"], tw)
         groups = grid[0] >> args["LOG2_CT"]
         hints = {"programs_with_work": groups * n_ctiles * grid[1] * grid[2]}
         if name == "sample_bwd_kernel":  # row tiles per program: TPP, fewer in the last column
-            rows = triton.cdiv(args.get("Do", 1) * args["Ho"], args["BLOCK_P"] >> args["LOG2_TW"])
+            plane = args["SUB_R"] if cls else args.get("Do", 1) * args["Ho"]
+            rows = triton.cdiv(plane, args["BLOCK_P"] >> args["LOG2_TW"])
             hints["trips"] = {"0, n_here": rows / max(groups, 1)}
         return hints
     if name == "inverse_grad_input_kernel":

@@ -49,7 +49,9 @@ channels-last half-precision inputs with few contributions per pixel, the gradie
 each (pixel, tap) contribution's target input pixel and weight, the host sorts them by target with a
 stable sort, and :func:`gather_grad_input_kernel` sums each input pixel's contributions in that
 fixed order; the affine forms' linear sampling gathers through the inverse map instead, with no sort
-(:mod:`stn_triton.kernels.inverse`).
+(:mod:`stn_triton.kernels.inverse`), or runs the backward kernel once per class of output pixels whose
+taps never meet (``CLS``: pixels ``CLS`` apart on every axis, one map at a time), adding to dL/dU with
+plain loads and stores in a fixed order (``launch._class_backward``).
 """
 
 import triton
@@ -95,6 +97,21 @@ def _repeat_edges(r, j, R_OUT, Wo, FULL: tl.constexpr):
         return r, j
     else:
         return tl.minimum(r, R_OUT - 1), tl.minimum(j, Wo - 1)
+
+
+@triton.jit
+def _class_pixels(r, j, SUB_H, Ho, CZ, CY, CX, CLS: tl.constexpr, NDIM: tl.constexpr):
+    """A class launch's tile (``CLS`` > 0): rows ``r`` of its subgrid's plane (Do' x SUB_H rows) and
+    columns ``j`` -> the plane rows and columns of the output pixels (CZ + CLS d', CY + CLS i',
+    CX + CLS j'). ``CLS`` 0: as they are."""
+    if CLS > 0:
+        if NDIM == 3:
+            dd = r // SUB_H
+            r = (CZ + CLS * dd) * Ho + CY + CLS * (r - dd * SUB_H)
+        else:
+            r = CY + CLS * r
+        j = CX + CLS * j
+    return r, j
 
 
 @triton.jit
@@ -411,14 +428,18 @@ def sample_fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _scatter_add(ptr, v, m, mask_c, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr):
+def _scatter_add(ptr, v, m, mask_c, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr, RMW: tl.constexpr):
     """``*ptr += v`` where ``m``: relaxed atomics (no fence) in ``ptr``'s dtype. ``ptr`` [BP, BC] always
     points inside the gradient (targets are clamped into it).
 
     One channel per step: every lane adds (an exact 0 where ``m`` is false), because a predicated atomic
     compiles to a branch around it. A vector of channels: one predicate per vector, cheaper than
-    selecting each element."""
-    if BLOCK_C == 1:
+    selecting each element. ``RMW`` (a class launch, whose pixels' taps never meet): a plain load, add
+    and store, only where ``m`` (a clamped target may be another pixel's)."""
+    if RMW:
+        mm = m & mask_c
+        tl.store(ptr, tl.load(ptr, mask=mm, other=0.0) + v.to(ptr.dtype.element_ty), mask=mm)
+    elif BLOCK_C == 1:
         v = tl.where(m, v, 0.0).to(ptr.dtype.element_ty)
         if EVEN_C:
             tl.atomic_add(ptr, v, sem="relaxed")
@@ -431,7 +452,7 @@ def _scatter_add(ptr, v, m, mask_c, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr)
 @triton.jit
 def _bwd_row(r, h_x, h_y, h_z, go, p_gc, p_x, o_c, ox, dx, mx, wx, ex, oy, dy, my, wy, ey, oz, dz, mz, wz, ez, mask_c,
              NEED_X: tl.constexpr, NEED_G: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr,
-             NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr, FIRST: tl.constexpr):
+             NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr, FIRST: tl.constexpr, RMW: tl.constexpr):
     """The backward at row ``r`` of the taps (``p_gc``: [1, BC] pointers to the step's channels of image
     n in dL/dU; ``p_x``, ``o_c``: image n of U and the step's channel offsets; ``o*``: U's tap offsets,
     ``d*``: dL/dU's (clamped) ones): dL/dU += dL/dV
@@ -441,11 +462,11 @@ def _bwd_row(r, h_x, h_y, h_z, go, p_gc, p_x, o_c, ox, dx, mx, wx, ex, oy, dy, m
         d_r, _, _, _, _ = _row(r, dy, my, wy, ey, dz, mz, wz, ez, NT, NDIM, STATIC)
         if STATIC:  # the taps' weights are loop-invariant: one product each per channel
             for b in tl.static_range(NT):
-                _scatter_add(p_gc + (d_r + dx[b]), go * (w_r * wx[b]), m_r & mx[b], mask_c, EVEN_C, BLOCK_C)
+                _scatter_add(p_gc + (d_r + dx[b]), go * (w_r * wx[b]), m_r & mx[b], mask_c, EVEN_C, BLOCK_C, RMW)
         else:
             go_r = go * w_r
             for b in tl.static_range(NT):
-                _scatter_add(p_gc + (d_r + dx[b]), go_r * wx[b], m_r & mx[b], mask_c, EVEN_C, BLOCK_C)
+                _scatter_add(p_gc + (d_r + dx[b]), go_r * wx[b], m_r & mx[b], mask_c, EVEN_C, BLOCK_C, RMW)
     if NEED_G:
         u = _tap(p_x, o_r, ox[0], m_r, mx[0], o_c, mask_c, STATIC)
         sx = wx[0] * u  # the row interpolated along x
@@ -497,6 +518,9 @@ def sample_bwd_kernel(
     NPROG,  # programs with pixels per (n, k): the partials' row length
     NCT,    # column tiles
     bsx, box, bsy, boy, bsz, boz,
+    K0, CZ, CY, CX, SUB_R, SUB_H, SUB_W,  # a class launch (CLS > 0): its map k = K0, its class's first pixel
+                                          # (CZ, CY, CX) and subgrid (SUB_R = Do' * SUB_H plane rows, SUB_W
+                                          # columns); unused otherwise
     COORDS: tl.constexpr,   # the form's coordinate map
     FN: tl.constexpr,       # a plugin family's own coordinate map, which COORDS calls (None for built-in forms)
     FRAME: tl.constexpr,    # where a field's frame starts in the parameter row (-1: none, dL/dg is stored as is)
@@ -512,13 +536,24 @@ def sample_bwd_kernel(
     ONE_SLICE: tl.constexpr, FULL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     TPP: tl.constexpr,  # tiles per program (a column of TPP row tiles; 1 when the form stores per tile): the
                         # parameter gradient is reduced across the program once, not once per tile
+    CLS: tl.constexpr = 0,  # > 0: a class launch (launch._class_backward): one map's output pixels CLS apart on
+                            # every axis, whose taps never meet, so dL/dU is added without atomics
 ):
     tl.static_assert(TPP == 1 or NACC > 0 or not NEED_PARAM,
                      "a form that stores its terms per tile takes one tile per program")
+    tl.static_assert(CLS == 0 or not ONE_SLICE, "a class launch's tiles are not split by depth slice")
     R_OUT = Do * Ho
-    n, k, grp, tile_c, r0, j, _ = _tile(R_OUT, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P, FULL)
-    if tile_c * (1 << LOG2_TW) >= Wo:
+    if CLS > 0:  # the tiles cover the class's subgrid
+        R_T = SUB_R
+        W_T = SUB_W
+    else:
+        R_T = R_OUT
+        W_T = Wo
+    n, k, grp, tile_c, r0, j, _ = _tile(R_T, W_T, INT64, LOG2_TW, LOG2_CT, BLOCK_P, FULL)
+    if tile_c * (1 << LOG2_TW) >= W_T:
         return
+    if CLS > 0:
+        k = k + K0
     TILE_H: tl.constexpr = BLOCK_P >> LOG2_TW
     NR: tl.constexpr = NT ** (NDIM - 1)  # rows of taps
     P = R_OUT * Wo
@@ -535,19 +570,20 @@ def sample_bwd_kernel(
         acc = tl.zeros([BLOCK_P, NACC], tl.float32)
     else:
         acc = tl.zeros([BLOCK_P, 1], tl.float32)  # unused
-    n_here = tl.minimum(TPP, tl.cdiv(R_OUT, TILE_H) - grp * TPP)  # the last column of tiles may be short
+    n_here = tl.minimum(TPP, tl.cdiv(R_T, TILE_H) - grp * TPP)  # the last column of tiles may be short
     for t in range(0, n_here):
         r = r0 + (grp * (TPP - 1) + t) * TILE_H  # tile row grp * TPP + t (r0 is tile row grp's)
-        mask_p = _inside(r, j, R_OUT, Wo, FULL)
+        mask_p = _inside(r, j, R_T, W_T, FULL)
+        r, j_o = _class_pixels(r, j, SUB_H, Ho, CZ, CY, CX, CLS, NDIM)
         d, i, b, g, w = _coords(COORDS, p_prm_nk, p_aux, p_aux_nk, s_ad, s_ah, s_aw, s_ac, r,
-                                (grp * TPP + t) * TILE_H, j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz,
+                                (grp * TPP + t) * TILE_H, j_o, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz,
                                 frame, FN, NDIM, ONE_SLICE)
         ax, ay, az, di = _taps(g, mask_p, W, H, D, s_xw, s_xh, s_xd, s_dw, s_dh, s_dd, MODE, PAD, ALIGN, FMA, INT64,
                                NDIM, NEED_X, True)
         ox, dx, mx, wx, ex = ax
         oy, dy, my, wy, ey = ay
         oz, dz, mz, wz, ez = az
-        o_go = _offset(d, i, j, s_gd, s_gh, s_gw, NDIM)[:, None]  # [BP, 1]
+        o_go = _offset(d, i, j_o, s_gd, s_gh, s_gw, NDIM)[:, None]  # [BP, 1]
         m_go = mask_p[:, None]
         g_ix = tl.zeros([BLOCK_P], tl.float32)  # sum_c dL/dV * dV/di_x
         g_iy = tl.zeros([BLOCK_P], tl.float32)
@@ -568,12 +604,12 @@ def sample_bwd_kernel(
                     for rr in range(0, NT ** (NDIM - 1)):  # a loop: one row's taps at a time (see the module doc)
                         h_x, h_y, h_z = _bwd_row(rr, h_x, h_y, h_z, go, p_gc, p_xn, o_c, ox, dx, mx, wx, ex, oy, dy,
                                                  my, wy, ey, oz, dz, mz, wz, ez, mask_c, NEED_X, NEED_G, EVEN_C,
-                                                 BLOCK_C, NT, NDIM, False, False)
+                                                 BLOCK_C, NT, NDIM, False, False, CLS > 0)
                 else:
                     for rr in tl.static_range(NR):
                         h_x, h_y, h_z = _bwd_row(rr, h_x, h_y, h_z, go, p_gc, p_xn, o_c, ox, dx, mx, wx, ex, oy, dy,
                                                  my, wy, ey, oz, dz, mz, wz, ez, mask_c, NEED_X, NEED_G, EVEN_C,
-                                                 BLOCK_C, NT, NDIM, True, rr == 0)
+                                                 BLOCK_C, NT, NDIM, True, rr == 0, CLS > 0)
                 if NEED_G:
                     g_ix += tl.sum(go * h_x, axis=1)
                     g_iy += tl.sum(go * h_y, axis=1)
@@ -582,10 +618,10 @@ def sample_bwd_kernel(
         gg = (tl.where(mask_p, g_ix * di[0], 0.0), tl.where(mask_p, g_iy * di[1], 0.0),
               tl.where(mask_p, g_iz * di[2], 0.0))  # dL/dg [BP] per axis
         if WRITE_GG:
-            _store_gg(p_gg + n * s_qn + k * s_qk + _offset(d, i, j, s_qd, s_qh, s_qw, NDIM), s_qc, gg, frame,
+            _store_gg(p_gg + n * s_qn + k * s_qk + _offset(d, i, j_o, s_qd, s_qh, s_qw, NDIM), s_qc, gg, frame,
                       mask_p, NDIM)
         if NEED_PARAM:
-            acc = TERMS(acc, p_part_i, p_prm_nk, p_aux, r * Wo + j, mask_p, P, DM, b, g, w, gg, GRAD_FN, NDIM)
+            acc = TERMS(acc, p_part_i, p_prm_nk, p_aux, r * Wo + j_o, mask_p, P, DM, b, g, w, gg, GRAD_FN, NDIM)
     if NEED_PARAM:
         if NACC > 0:
             cols = tl.arange(0, NACC)

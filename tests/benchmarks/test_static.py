@@ -110,7 +110,7 @@ def test_compile_only_run(tmp_path, capsys):
     """Compiles our kernels with Triton 3.6 for sm_90 and reports them: every mode, two forms, bf16
     channels-last (the half-precision vector atomics) and a planar case."""
     argv = ["--static", "--case-spec", "N=2,C=16,H=20,W=24,Ho=9,Wo=11,K=2,layout=channels_last,name=tiny-cl",
-            "--case-spec", "N=2,C=3,H=20,W=24,Ho=9,Wo=11,name=tiny", "--providers", "ours-affine", "ours-grid",
+            "--case-spec", "N=2,C=3,H=256,W=256,Ho=128,Wo=128,name=tiny", "--providers", "ours-affine", "ours-grid",
             "--dtypes", "bfloat16", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -126,13 +126,21 @@ def test_compile_only_run(tmp_path, capsys):
     kernels = {x["kernel"] for r in rows for x in r["launches"] if x["kind"] == "triton"}
     assert kernels == {"sample_fwd_kernel", "sample_bwd_kernel", "tap_index_kernel", "gather_grad_input_kernel",
                        "inverse_table_kernel", "inverse_grad_input_kernel"}
-    for case in ("tiny", "tiny-cl"):  # the affine form's deterministic input gradient: inverse map, no sort
+    # the affine form's deterministic backward, no sort, no atomics: 128 x 128 pixels by the class launches
+    # (2 x 2 classes of every other pixel for this 2x down-sampling), 9 x 11 by the inverse-map gather
+    det = next(r for r in rows if (r["case"], r["form"], r["mode"]) == ("tiny", "affine", "bwd-det"))
+    assert [x["kernel"] for x in det["launches"] if x["kind"] == "triton"] == (
+        ["inverse_table_kernel"] + ["sample_bwd_kernel"] * 4)
+    assert all(x["mix"]["atomics"] == {} and x["variant"]["CLS"] == 2 for x in det["launches"][1:]
+               if x.get("kernel") == "sample_bwd_kernel")
+    det = next(r for r in rows if (r["case"], r["form"], r["mode"]) == ("tiny-cl", "affine", "bwd-det"))
+    assert [x["kernel"] for x in det["launches"] if x["kind"] == "triton"] == [
+        "inverse_table_kernel", "inverse_grad_input_kernel", "sample_bwd_kernel"]
+    inv = next(x for x in det["launches"] if x.get("kernel") == "inverse_grad_input_kernel")
+    assert inv["mix"]["atomics"] == {}
+    for case in ("tiny", "tiny-cl"):
         det = next(r for r in rows if (r["case"], r["form"], r["mode"]) == (case, "affine", "bwd-det"))
-        assert [x["kernel"] for x in det["launches"] if x["kind"] == "triton"] == [
-            "inverse_table_kernel", "inverse_grad_input_kernel", "sample_bwd_kernel"]
         assert not [x for x in det["launches"] if x["kind"] == "torch" and "sort" in x["op"]]
-        inv = next(x for x in det["launches"] if x.get("kernel") == "inverse_grad_input_kernel")
-        assert inv["mix"]["atomics"] == {}
     grid_det = next(r for r in rows if (r["case"], r["form"], r["mode"]) == ("tiny", "grid", "bwd-det"))
     assert [x for x in grid_det["launches"] if x["kind"] == "torch" and "sort" in x["op"]]  # the sorted gather
     for r in rows:

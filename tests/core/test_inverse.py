@@ -8,6 +8,10 @@ contributions per input pixel, K > 1, odd sizes, channel groups, both align_corn
 reflection padding where the map stays inside the input, 3-D), they are the same bit for bit on every
 run, and the cases it does not serve (sources outside the input under border/reflection padding, a
 near-singular map, nearest, other forms, many channels) take the sorted gather and are right too.
+
+Where the maps allow (classes of output pixels whose taps never meet, at most ``launch.CLASS_MAX`` per
+axis), the class backward takes these cases first: checked on the same cases against the oracle, bit
+for bit across runs.
 """
 
 import pytest
@@ -29,7 +33,9 @@ def deterministic():
 
 @pytest.fixture
 def paths(monkeypatch):
-    """Counts the launches of each deterministic path: the inverse-map gather and the sorted one."""
+    """Counts the launches of each deterministic path: the inverse-map gather and the sorted one (the
+    class backward, which would take most of these cases first, is off: see ``classes`` below)."""
+    monkeypatch.setattr(launch, "CLASS_MAX", 0)
     seen = {"inverse": 0, "sorted": 0}
     real_inverse, real_sort = launch._grad_input_inverse, launch.torch.sort
 
@@ -92,6 +98,89 @@ def test_inverse_gather_against_oracle(request, device, deterministic, paths, na
     assert torch.equal(first, second)
 
 
+@pytest.fixture
+def classes(monkeypatch):
+    """The class backward's classes per axis, one entry per deterministic backward that took it; and
+    whether any other deterministic path ran. Small images and many launches allowed (the tests' sizes)."""
+    monkeypatch.setattr(launch, "CLASS_MIN_PIXELS", 1)
+    monkeypatch.setattr(launch, "CLASS_MAX_LAUNCHES", 256)
+    seen = {"classes": [], "other": 0}
+    real_class, real_gather = launch._class_backward, launch._grad_input_deterministic
+
+    def class_spy(pb, grad_out, grad_x, s, need_param):
+        seen["classes"].append(s)
+        return real_class(pb, grad_out, grad_x, s, need_param)
+
+    def gather_spy(*args, **kwargs):
+        seen["other"] += 1
+        return real_gather(*args, **kwargs)
+
+    monkeypatch.setattr(launch, "_class_backward", class_spy)
+    monkeypatch.setattr(launch, "_grad_input_deterministic", gather_spy)
+    return seen
+
+
+# the class backward: (input shape, K, output size, theta scale, shear, shift, padding, align_corners, dtype,
+# layout, classes per axis expected; None: past CLASS_MAX, so another deterministic path runs)
+CLASSES = {
+    "down-2x": ((2, 3, 22, 30), 2, (11, 15), 1.0, 0.1, 0.1, "zeros", False, torch.float32, "contiguous", 2),
+    "same-size-k3": ((1, 3, 13, 17), 3, (13, 17), 1.0, 0.1, 0.2, "zeros", True, torch.float32, "strided", 4),
+    "border-inside": ((2, 3, 13, 17), 2, (6, 8), 0.6, 0.05, 0.05, "border", False, torch.float32, "contiguous", 3),
+    "reflection-inside": ((1, 3, 13, 17), 2, (6, 8), 0.6, 0.05, 0.05, "reflection", True, torch.float32,
+                          "contiguous", 3),
+    "bf16-channels-last": ((1, 8, 18, 20), 2, (9, 10), 1.0, 0.1, 0.1, "zeros", False, torch.bfloat16, "channels_last",
+                           2),
+    "3d-down": ((1, 3, 9, 10, 11), 2, (4, 5, 6), 1.0, 0.1, 0.1, "zeros", False, torch.float32, "contiguous", 2),
+    "3d-same": ((1, 2, 6, 7, 8), 1, (6, 7, 8), 1.0, 0.05, 0.1, "zeros", True, torch.float32, "channels_last_3d", 3),
+    "zoom-in": ((1, 2, 5, 6), 1, (15, 18), 1.0, 0.05, 0.1, "zeros", False, torch.float32, "contiguous", None),
+}
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_class_backward_against_oracle(request, device, deterministic, classes, name):
+    """Each map's pixels in classes whose taps never meet, added without atomics in a fixed order: the
+    float64 oracle's gradients (input and theta), the same bits on a second run; maps that would need
+    more than CLASS_MAX classes per axis (zoom-in) take another deterministic path."""
+    shape, K, size, scale, shear, shift, padding, align, dtype, layout, want = CLASSES[name]
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    nd = len(size)
+    x = make_input(shape, dtype, layout, device, gen)
+    theta = _theta(shape[0], K, nd, scale, shear, shift, gen).to(device)
+    form = "affine" if nd == 2 else "affine3d"
+    check_given(form, x, (theta,), size, "bilinear", padding, align, gen)
+    assert classes == ({"classes": [want], "other": 0} if want else {"classes": [], "other": 1})
+    if want:  # the same bits on a second run, input and theta
+        grad_out = torch.randn(shape[0], K, *shape[1:2], *size, generator=gen).to(device, dtype)
+        x, theta = x.detach().requires_grad_(), theta.detach().requires_grad_()
+        first, second = (torch.autograd.grad(run(form, x, (theta,), size, padding_mode=padding, align_corners=align),
+                                             (x, theta), grad_out) for _ in range(2))
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_class_stride():
+    """Sources of a class's pixels lie more than CLASS_MARGIN input pixels apart on some axis: s times
+    the largest row sum of M^-1 bounds how far apart, in output pixels, two sources within that box can
+    be (so no two pixels of a class, s apart, can have both); 0 past CLASS_MAX or for no table."""
+    assert launch.class_stride(0.5) == 2  # 2x down-sampling: every other pixel
+    assert launch.class_stride(1.0) == 3
+    assert launch.class_stride(1.2) == 4
+    assert launch.class_stride(1.3) == 4  # 2.5 * 1.3 = 3.25: 4 is the smallest integer above
+    assert launch.class_stride(1.6) == 0  # 2.5 * 1.6 = 4: 5 would be, past CLASS_MAX
+    assert launch.class_stride(float("inf")) == 0
+
+
+@pytest.mark.parametrize("K,size,want", [(4, (224, 224), 2), (2, (224, 224), 2), (5, (224, 224), 0),
+                                         (1, (28, 28), 0), (1, (128, 128), 2), (1, (127, 128), 0)])
+def test_class_backward_only_where_its_launches_are_few_and_full(K, size, want):
+    """At most CLASS_MAX_LAUNCHES launches (classes times maps) and CLASS_MIN_PIXELS pixels per class and
+    image: CUB's 224 x 224 with K = 4 maps at every other pixel (16 launches of 12,544 pixels) is served,
+    mnist's 28 x 28 and five maps are not."""
+    x = torch.empty(2, 3, 448, 448, device="meta")
+    pb = launch._Problem("affine", x, torch.empty(2 * K, 6, device="meta"), None, K, size, 0, "bilinear", "zeros",
+                         False)
+    assert launch.class_stride(0.55, pb) == want
+
+
 # cases the inverse map does not serve: the sorted gather, as right
 FALLBACK = {
     # border padding with sources outside the input: the border pixels gather from outside the box
@@ -102,6 +191,10 @@ FALLBACK = {
     "nearest": ("affine", (1, 2, 9, 11), (7, 8), 1.0, 0.2, 0.1, "zeros", "nearest"),
     # more channels than the launcher gives the inverse gather (it walks the box once per channel group)
     "many-channels": ("affine", (1, 33, 5, 6), (4, 5), 1.0, 0.2, 0.1, "zeros", "bilinear"),
+    # one axis squeezed 24 times more than the other (condition about 46, past MAX_CONDITION): the
+    # gather's float32 weights, made from the table's map, drifted 7e-5 from the forward's (a row of
+    # pixels receiving about 24 contributions each); the sorted gather uses the forward's coordinates
+    "anisotropic": ("affine", (1, 3, 9, 11), (12, 10), 1.0, 0.0, 0.0, "zeros", "bilinear"),
     "projective": ("projective", None, None, None, None, None, "zeros", "bilinear"),
 }
 
@@ -116,6 +209,8 @@ def test_fallback_to_sorted_gather(request, device, deterministic, paths, name):
         if name == "near-singular":  # rank one plus a whisker: the two rows nearly parallel
             theta[..., 0, :2] = torch.tensor([0.9, 0.6])
             theta[..., 1, :2] = torch.tensor([0.6, 0.4 + 1e-3])
+        if name == "anisotropic":  # the map that drifted (its pixel-unit rows (1.86, 0.23), (-0.04, 0.04))
+            theta[..., :, :] = torch.tensor([[1.695, 0.191, 0.1], [-0.078, 0.1, 0.05]])
         check_given(form, x, (theta.to(device),), size, mode, padding, False, gen)
     else:
         shape, size = (1, 2, 7, 9), (6, 8)
