@@ -39,19 +39,25 @@ def basis_coords(p_m, p_b, p_pix, s_ac, q, b, mask_p, P, DM, frame, FN: tl.const
 @triton.jit
 def basis_terms(acc, p_part, p_m, p_b, q, mask_p, P, DM, b, g, w, gg, FN: tl.constexpr, NDIM: tl.constexpr):
     # p_part: float32 [NDIM, DM], this tile's partial dL/dM, written here (one tile per program). The basis
-    # rows come two at a time, a [2, BP] block reduced over the pixels once per axis (the compile-only
-    # model: half the reductions' set-up of one row at a time; wider blocks cost registers for less).
-    # The step is written as a literal so that the model can count the loop's trips.
+    # rows come four at a time, a [4, BP] block reduced over the pixels once per axis, in 2-D both axes in
+    # one reduction ([4, BP, 2]): the reductions' set-up (shuffles, shared memory, barriers) is what the
+    # compile-only model charges most here (NOTES.md: rows two at a time, then four with the axes
+    # joined; eight cost registers). The step is written as a literal so that the model can count the
+    # loop's trips.
     gg_x, gg_y, gg_z = gg
-    rows = tl.arange(0, 2)
+    rows = tl.arange(0, 4)
     p_q = (p_b + q)[None, :]  # each pixel's column of B, made once
-    for e0 in range(0, DM, 2):
+    for e0 in range(0, DM, 4):
         m_e = (e0 + rows) < DM
         blk = tl.load(p_q + ((e0 + rows) * P)[:, None], mask=m_e[:, None] & mask_p[None, :], other=0.0)
-        tl.store(p_part + e0 + rows, tl.sum(blk * gg_x[None, :], axis=1), mask=m_e)
-        tl.store(p_part + DM + e0 + rows, tl.sum(blk * gg_y[None, :], axis=1), mask=m_e)
         if NDIM == 3:
+            tl.store(p_part + e0 + rows, tl.sum(blk * gg_x[None, :], axis=1), mask=m_e)
+            tl.store(p_part + DM + e0 + rows, tl.sum(blk * gg_y[None, :], axis=1), mask=m_e)
             tl.store(p_part + 2 * DM + e0 + rows, tl.sum(blk * gg_z[None, :], axis=1), mask=m_e)
+        else:
+            both = tl.sum(tl.join(blk * gg_x[None, :], blk * gg_y[None, :]), axis=1)  # [4 rows, 2 axes]
+            axes = tl.arange(0, 2)
+            tl.store(p_part + axes[None, :] * DM + (e0 + rows)[:, None], both, mask=m_e[:, None])
     return acc
 
 
