@@ -532,18 +532,15 @@ def sample_backward(form, grad_out, x, prm, aux, K, size, DM, mode, padding_mode
 
     grad_x = None
     half = False
-    cls = 0  # the class backward's classes per axis (0: not taken)
     if need_x:
         if deterministic:
-            if C <= INVERSE_MAX_CHANNELS or class_stride(0.0, pb):  # either fixed-order path may serve
-                table, spread = inverse_plan(pb, fill_new)
-            else:
-                table, spread = None, math.inf
-            cls = class_stride(spread, pb)
-            if cls:
-                grad_x = torch.zeros_like(x, dtype=torch.float32)
-                return _class_backward(pb, grad_out, grad_x, cls, need_param)
-            grad_x = _grad_input_deterministic(pb, grad_out, table if C <= INVERSE_MAX_CHANNELS else None)
+            gather = C <= INVERSE_MAX_CHANNELS  # the inverse gather serves this many channels
+            # the table only where a path without a sort may serve (class_stride(0.0): the fewest classes)
+            table, spread = inverse_plan(pb, fill_new) if gather or class_stride(0.0, pb) else (None, math.inf)
+            s = class_stride(spread, pb)
+            if s:
+                return _class_backward(pb, grad_out, s, need_param)
+            grad_x = _grad_input_deterministic(pb, grad_out, table if gather else None)
         else:
             half = half_accumulation(x, K, pb.size, mode, p)
             grad_x = torch.zeros_like(x, dtype=x.dtype if half else torch.float32)
@@ -604,7 +601,7 @@ def class_stride(spread, pb=None):
     return s
 
 
-def _class_backward(pb, grad_out, grad_x, s, need_param):
+def _class_backward(pb, grad_out, s, need_param):
     """The deterministic backward of an affine map with linear sampling, without atomics: every map's
     output pixels in s**ndim classes (pixels s apart on every axis: their taps never meet), one launch of
     the backward kernel per (class, map) in a fixed order, each adding its pixels' contributions to
@@ -612,14 +609,17 @@ def _class_backward(pb, grad_out, grad_x, s, need_param):
     every run) and writing its parameter partials, summed in a fixed order at the end."""
     x, N, K, C, R, nd = pb.x, pb.N, pb.K, pb.C, pb.R, pb.ndim
     NK, dev = N * K, x.device
-    sub = [triton.cdiv(n, s) for n in (pb.Do, pb.Ho, pb.Wo)]  # class 0's subgrid (the largest)
-    if nd == 2:
-        sub[0] = 1
-    p = replace(plan(x, sub[0] * sub[1], sub[2], backward=True, mode=pb.mode, per_tile=pb.form.per_tile),
+    grad_x = torch.zeros_like(x, dtype=torch.float32)
+    offsets = list(itertools.product(*[range(s) if a >= 3 - nd else [0] for a in range(3)]))  # (z, y, x)
+
+    def subgrid(cz, cy, cx):  # a class's output pixels per axis (depth 1 in 2-D)
+        return triton.cdiv(pb.Do - cz, s) if nd == 3 else 1, triton.cdiv(pb.Ho - cy, s), triton.cdiv(pb.Wo - cx, s)
+
+    d0, h0, w0 = subgrid(0, 0, 0)  # class 0's, the largest
+    p = replace(plan(x, d0 * h0, w0, backward=True, mode=pb.mode, per_tile=pb.form.per_tile),
                 masked=True)  # subgrids of several sizes share the plan: masked tiles
     tpp = tiles_per_program(pb.form, p, C, 1, N)
     NPROG = max(p.n_programs(bp, tpp) for bp, _ in _choices(p, dev))
-    offsets = list(itertools.product(*[range(s) if a >= 3 - nd else [0] for a in range(3)]))  # (z, y, x)
     part = torch.zeros((len(offsets), NK, NPROG, R), dtype=torch.float32, device=dev) if need_param else None
     consts = dict(pb.consts(), TERMS=pb.form.terms, GRAD_FN=pb.form.grad_fn, NACC=pb.form.nacc, NEED_X=True,
                   NEED_G=need_param, NEED_PARAM=need_param, WRITE_GG=False,
@@ -631,8 +631,7 @@ def _class_backward(pb, grad_out, grad_x, s, need_param):
         xb, gob, gxb = x[nb], grad_out[nb], grad_x[nb]
         auxb, s_a = pb.aux_args(nb)
         for c, (cz, cy, cx) in enumerate(offsets):
-            dc, hc, wc = ((pb.Do - cz + s - 1) // s if nd == 3 else 1, (pb.Ho - cy + s - 1) // s,
-                          (pb.Wo - cx + s - 1) // s)
+            dc, hc, wc = subgrid(cz, cy, cx)
             if dc * hc * wc == 0:
                 continue
             for k in range(K):

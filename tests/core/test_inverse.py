@@ -107,9 +107,9 @@ def classes(monkeypatch):
     seen = {"classes": [], "other": 0}
     real_class, real_gather = launch._class_backward, launch._grad_input_deterministic
 
-    def class_spy(pb, grad_out, grad_x, s, need_param):
+    def class_spy(pb, grad_out, s, need_param):
         seen["classes"].append(s)
-        return real_class(pb, grad_out, grad_x, s, need_param)
+        return real_class(pb, grad_out, s, need_param)
 
     def gather_spy(*args, **kwargs):
         seen["other"] += 1
@@ -158,9 +158,8 @@ def test_class_backward_against_oracle(request, device, deterministic, classes, 
 
 
 def test_class_stride():
-    """Sources of a class's pixels lie more than CLASS_MARGIN input pixels apart on some axis: s times
-    the largest row sum of M^-1 bounds how far apart, in output pixels, two sources within that box can
-    be (so no two pixels of a class, s apart, can have both); 0 past CLASS_MAX or for no table."""
+    """s is the smallest integer above CLASS_MARGIN times the spread (the largest row sum of M^-1), at
+    least 2; 0 past CLASS_MAX or without a table (an infinite spread)."""
     assert launch.class_stride(0.5) == 2  # 2x down-sampling: every other pixel
     assert launch.class_stride(1.0) == 3
     assert launch.class_stride(1.2) == 4

@@ -233,20 +233,27 @@ def test_colocalisation_smoke_run(reference, tmp_path):
     assert img.mode == "RGB" and img.width == 110 + shown * 100 and img.height >= 24 + 2 * 100 + 2 * 14
 
 
+def _one_then_two(run, make_config, tmp_path):
+    """``run`` of ``make_config(out, workers)`` one run after another at one thread (workers=1), then in two
+    spawned processes (workers=2, two threads here): both results and the second's log lines."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(make_config(str(tmp_path / "one"), 1), log=lambda *a: None)
+        torch.set_num_threads(2)
+        lines = []
+        two = run(make_config(str(tmp_path / "two"), 2), log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    return one, two, lines
+
+
 def test_runs_in_parallel_processes_equal_runs_in_this_one(reference, tmp_path):
     """--workers 2 trains the runs in two spawned processes (one thread each here): the same results,
     in the same order, as one after the other in this process at one thread; each run says its threads."""
     common = dict(models=("CNN", "ST-CNN-multi"), seeds=(0,), epochs=1, train_limit=40, test_limit=12, batch_size=16,
                   progress=False, figure_count=2)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = A.run(A.AdditionConfig(**common, out=str(tmp_path / "one"), workers=1), log=lambda *a: None)
-        torch.set_num_threads(2)
-        lines = []
-        two = A.run(A.AdditionConfig(**common, out=str(tmp_path / "two"), workers=2), log=lines.append)
-    finally:
-        torch.set_num_threads(threads)
+    one, two, lines = _one_then_two(A.run, lambda out, w: A.AdditionConfig(**common, out=out, workers=w), tmp_path)
     keys = ("model", "seed", "error", "train_loss", "params", "attention", "threads")
     assert [{k: r[k] for k in keys if k in r} for r in one["results"]] == \
         [{k: r[k] for k in keys if k in r} for r in two["results"]]
@@ -264,15 +271,7 @@ def test_classify_runs_in_parallel_processes_equal_runs_in_this_one(reference, t
 
     common = dict(distortions=("RTS",), models=("CNN", "ST-CNN-aff"), seeds=(1, 0), epochs=1, train_limit=40,
                   test_limit=12, batch_size=16, progress=False, figure_count=2, save_models=True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = E.run(E.Config(**common, out=str(tmp_path / "one"), workers=1), log=lambda *a: None)
-        torch.set_num_threads(2)
-        lines = []
-        two = E.run(E.Config(**common, out=str(tmp_path / "two"), workers=2), log=lines.append)
-    finally:
-        torch.set_num_threads(threads)
+    one, two, lines = _one_then_two(E.run, lambda out, w: E.Config(**common, out=out, workers=w), tmp_path)
     keys = ("distortion", "model", "seed", "error", "val_error", "train_loss", "params", "rotation", "threads",
             "model_file", "code")
     assert [{k: r[k] for k in keys if k in r} for r in one["results"]] == \
