@@ -634,24 +634,30 @@ def sample_bwd_kernel(
 
 @triton.jit
 def _index_row(r, p_idx, p_wt, base, W, HW, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none, mask_p,
-               MODE: tl.constexpr, NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr):
-    """Row ``r``'s entries: each tap's target input pixel (``none`` outside the image) and weight;
-    ``q*``: flat offsets of each axis' taps (x: 1, y: W, z: H*W), [BP] each. Unrolled linear taps are
-    neighbours: in 3-D each is ``base`` (the first tap's target) plus a constant of the row (a scalar),
-    which takes fewer registers (80 against 96) and integer operations than per-axis offsets; in 2-D
-    it takes more registers (48 -> 54-56), so 2-D adds the axes' offsets (NOTES.md, 2026-12-04)."""
+               MODE: tl.constexpr, NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr,
+               TARGETS: tl.constexpr, WEIGHTS: tl.constexpr):
+    """Row ``r``'s entries: each tap's target input pixel (``none`` outside the image; ``TARGETS``) and
+    weight (``WEIGHTS``); ``q*``: flat offsets of each axis' taps (x: 1, y: W, z: H*W), [BP] each.
+    Unrolled linear taps are neighbours: in 3-D each is ``base`` (the first tap's target) plus a
+    constant of the row (a scalar), which takes fewer registers (80 against 96) and integer operations
+    than per-axis offsets; in 2-D it takes more registers (48 -> 54-56), so 2-D adds the axes' offsets
+    (NOTES.md, 2026-12-04)."""
     q_r, m_r, w_r, _, _ = _row(r, qy, my, wy, ey, qz, mz, wz, ez, NT, NDIM, STATIC)
     if STATIC and MODE == MODE_LINEAR and NDIM == 3:
         a: tl.constexpr = r % NT  # the row's y and z taps
         c: tl.constexpr = r // NT
         q_r = base + (a * W + c * HW)
         for b in tl.static_range(NT):
-            tl.store(p_idx + (r * NT + b), tl.where(m_r & mx[b], q_r + b, none), mask=mask_p)
-            tl.store(p_wt + (r * NT + b), w_r * wx[b], mask=mask_p)
+            if TARGETS:
+                tl.store(p_idx + (r * NT + b), tl.where(m_r & mx[b], q_r + b, none), mask=mask_p)
+            if WEIGHTS:
+                tl.store(p_wt + (r * NT + b), w_r * wx[b], mask=mask_p)
     else:
         for b in tl.static_range(NT):
-            tl.store(p_idx + (r * NT + b), tl.where(m_r & mx[b], q_r + qx[b], none), mask=mask_p)
-            tl.store(p_wt + (r * NT + b), w_r * wx[b], mask=mask_p)
+            if TARGETS:
+                tl.store(p_idx + (r * NT + b), tl.where(m_r & mx[b], q_r + qx[b], none), mask=mask_p)
+            if WEIGHTS:
+                tl.store(p_wt + (r * NT + b), w_r * wx[b], mask=mask_p)
 
 
 @triton.jit
@@ -671,12 +677,16 @@ def tap_index_kernel(
     LOG2_TW: tl.constexpr, LOG2_CT: tl.constexpr, ONE_SLICE: tl.constexpr, FULL: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    n, k, tile_r, tile_c, r, j, mask_p = _tile(Do * Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P, FULL)
+    n, k, tile_r, tile_c, r, j, _ = _tile(Do * Ho, Wo, INT64, LOG2_TW, LOG2_CT, BLOCK_P, FULL)
     if tile_c * (1 << LOG2_TW) >= Wo:
         return
     P = Do * Ho * Wo
     nk = n * K + k
     frame = field_frame(p_prm + nk * R, FRAME, NDIM)
+    # as in the forward: a pixel past the plane repeats its edge pixel, whose entries it writes again with the
+    # same values at the same addresses, so nothing here is masked by pixel (fewer predicates and registers)
+    r, j = _repeat_edges(r, j, Do * Ho, Wo, FULL)
+    mask_p = _inside(r, j, Do * Ho, Wo, True)  # all true
     d, i, b, g, w = _coords(COORDS, p_prm + nk * R, p_aux, p_aux + n * s_an + k * s_ak, s_ad, s_ah, s_aw, s_ac,
                             r, tile_r * (BLOCK_P >> LOG2_TW), j, mask_p, Ho, Wo, P, DM, bsx, box, bsy, boy, bsz, boz,
                             frame, FN, NDIM, ONE_SLICE)
@@ -695,11 +705,18 @@ def tap_index_kernel(
     if MODE == MODE_CUBIC:
         for rr in range(0, NT ** (NDIM - 1)):
             _index_row(rr, p_idx + o_e, p_wt + o_e, base, W, HW, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none,
-                       mask_p, MODE, NT, NDIM, False)
+                       mask_p, MODE, NT, NDIM, False, True, True)
+    elif NDIM == 2:  # every weight first, then every target: 48 -> 40 registers (3-D: 72 -> 80, so not there)
+        for rr in tl.static_range(NR):
+            _index_row(rr, p_idx + o_e, p_wt + o_e, base, W, HW, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none,
+                       mask_p, MODE, NT, NDIM, True, False, True)
+        for rr in tl.static_range(NR):
+            _index_row(rr, p_idx + o_e, p_wt + o_e, base, W, HW, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none,
+                       mask_p, MODE, NT, NDIM, True, True, False)
     else:
         for rr in tl.static_range(NR):
             _index_row(rr, p_idx + o_e, p_wt + o_e, base, W, HW, qx, mx, wx, qy, my, wy, ey, qz, mz, wz, ez, none,
-                       mask_p, MODE, NT, NDIM, True)
+                       mask_p, MODE, NT, NDIM, True, True, True)
 
 
 @triton.jit
