@@ -29,7 +29,9 @@ where :math:`s_a` is ``d i / d g`` (the unnormalising scale times the padding's 
 :math:`\\partial w_q / \\partial t_a` replaces axis a's weight by its derivative (``e``: -1, +1 for
 linear, the coefficients' derivatives for cubic). In the code, per row: ``sx`` is the row
 interpolated along x and ``dx`` its x-derivative; ``h_x += w_row * dx``, ``h_y += e_y w_z * sx``,
-``h_z += w_y e_z * sx``; then ``gg_a = s_a * sum_c go * h_a``. The form turns :math:`\\bar g` into its
+``h_z += w_y e_z * sx``; then ``gg_a = s_a * sum_c go * h_a`` (with 8 or more channels per step,
+each row's ``dx`` and ``sx`` are weighed by ``go`` and summed over the channels first, so ``h_a`` is one
+value per pixel, not one per channel). The form turns :math:`\\bar g` into its
 parameters' gradient: a block of per-pixel terms (``TERMS``) summed over the program's pixels in
 float32, stage one of a fixed-order two-stage reduction (the host sums the programs' partials).
 
@@ -60,6 +62,11 @@ import triton.language as tl
 from .codes import MODE_CUBIC, MODE_LINEAR, MODE_NEAREST
 from .common import (cubic_coefficients, cubic_coefficients_grad, cubic_source, cubic_tap, field_frame, round_half_even,
                      source_index)
+
+
+# From this many channels a step (a 16-byte vector of half-precision channels) the backward sums each row's
+# dV/di terms over the channels at once (:func:`_bwd_row`).
+ROW_SUMS_C = tl.constexpr(8)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,16 +482,24 @@ def _bwd_row(r, h_x, h_y, h_z, go, p_gc, p_x, o_c, ox, dx, mx, wx, ex, oy, dy, m
             u = _tap(p_x, o_r, ox[b], m_r, mx[b], o_c, mask_c, STATIC)
             sx += wx[b] * u
             sd += ex[b] * u
+        if BLOCK_C < ROW_SUMS_C:  # dL/dV multiplies the sums once per channel, after the rows (in the kernel)
+            t_d = sd
+            t_x = sx
+        else:  # 8 or more channels a step (half precision, channels-last): each row's weighed by dL/dV and summed
+            # over the vector at once, so the sums are [BP, 1], not one per channel (feat-cl bf16 backward
+            # 72-79 -> 56-64 registers; with 4 float32 channels it trades registers both ways: NOTES.md)
+            t_d = tl.sum(go * sd, axis=1, keep_dims=True)
+            t_x = tl.sum(go * sx, axis=1, keep_dims=True)
         if FIRST:  # the first of unrolled rows sets the sums (no adding to zeros: fewer instructions)
-            h_x = w_r * sd
-            h_y = e_ry * sx
+            h_x = w_r * t_d
+            h_y = e_ry * t_x
             if NDIM == 3:
-                h_z = e_rz * sx
+                h_z = e_rz * t_x
         else:
-            h_x += w_r * sd
-            h_y += e_ry * sx
+            h_x += w_r * t_d
+            h_y += e_ry * t_x
             if NDIM == 3:
-                h_z += e_rz * sx
+                h_z += e_rz * t_x
     return h_x, h_y, h_z
 
 
@@ -585,9 +600,9 @@ def sample_bwd_kernel(
         oz, dz, mz, wz, ez = az
         o_go = _offset(d, i, j_o, s_gd, s_gh, s_gw, NDIM)[:, None]  # [BP, 1]
         m_go = mask_p[:, None]
-        g_ix = tl.zeros([BLOCK_P], tl.float32)  # sum_c dL/dV * dV/di_x
-        g_iy = tl.zeros([BLOCK_P], tl.float32)
-        g_iz = tl.zeros([BLOCK_P], tl.float32)
+        g_ix = tl.zeros([BLOCK_P, 1], tl.float32)  # sum_c dL/dV * dV/di_x
+        g_iy = tl.zeros([BLOCK_P, 1], tl.float32)
+        g_iz = tl.zeros([BLOCK_P, 1], tl.float32)
         if NEED_X or NEED_G:  # nearest sampling with only parameter gradients reads no channel
             for c0 in range(0, C, BLOCK_C):
                 if EVEN_C:
@@ -597,9 +612,10 @@ def sample_bwd_kernel(
                 go = tl.load(p_gon + o_go + (c0 + offs_c) * s_gc, mask=m_go & mask_c, other=0.0).to(tl.float32)
                 p_gc = p_gxn + (c0 + offs_c) * s_dc  # [1, BC] (a stand-in when NEED_X is off)
                 o_c = (c0 + offs_c) * s_xc
-                h_x = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-                h_y = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-                h_z = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+                HW_C: tl.constexpr = BLOCK_C if BLOCK_C < ROW_SUMS_C else 1  # the terms' channels (see _bwd_row)
+                h_x = tl.zeros([BLOCK_P, HW_C], tl.float32)  # this step's dV/di terms
+                h_y = tl.zeros([BLOCK_P, HW_C], tl.float32)
+                h_z = tl.zeros([BLOCK_P, HW_C], tl.float32)
                 if MODE == MODE_CUBIC:
                     for rr in range(0, NT ** (NDIM - 1)):  # a loop: one row's taps at a time (see the module doc)
                         h_x, h_y, h_z = _bwd_row(rr, h_x, h_y, h_z, go, p_gc, p_xn, o_c, ox, dx, mx, wx, ex, oy, dy,
@@ -611,12 +627,19 @@ def sample_bwd_kernel(
                                                  my, wy, ey, oz, dz, mz, wz, ez, mask_c, NEED_X, NEED_G, EVEN_C,
                                                  BLOCK_C, NT, NDIM, True, rr == 0, CLS > 0)
                 if NEED_G:
-                    g_ix += tl.sum(go * h_x, axis=1)
-                    g_iy += tl.sum(go * h_y, axis=1)
-                    if NDIM == 3:
-                        g_iz += tl.sum(go * h_z, axis=1)
-        gg = (tl.where(mask_p, g_ix * di[0], 0.0), tl.where(mask_p, g_iy * di[1], 0.0),
-              tl.where(mask_p, g_iz * di[2], 0.0))  # dL/dg [BP] per axis
+                    if BLOCK_C < ROW_SUMS_C:
+                        g_ix += tl.sum(go * h_x, axis=1, keep_dims=True)
+                        g_iy += tl.sum(go * h_y, axis=1, keep_dims=True)
+                        if NDIM == 3:
+                            g_iz += tl.sum(go * h_z, axis=1, keep_dims=True)
+                    else:
+                        g_ix += h_x
+                        g_iy += h_y
+                        if NDIM == 3:
+                            g_iz += h_z
+        gg = (tl.where(mask_p, tl.sum(g_ix, axis=1) * di[0], 0.0),  # dL/dg [BP] per axis
+              tl.where(mask_p, tl.sum(g_iy, axis=1) * di[1], 0.0),
+              tl.where(mask_p, tl.sum(g_iz, axis=1) * di[2], 0.0))
         if WRITE_GG:
             _store_gg(p_gg + n * s_qn + k * s_qk + _offset(d, i, j_o, s_qd, s_qh, s_qw, NDIM), s_qc, gg, frame,
                       mask_p, NDIM)
