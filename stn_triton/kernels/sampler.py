@@ -40,9 +40,10 @@ Launch shape (every kernel here): a 3-D grid ``(tile, k, n)`` over the output's 
 ``TILE_W = 2**LOG2_TW``, so a pixel's row and column are a shift and a mask of its lane; column tiles
 are numbered up to ``2**LOG2_CT`` (the programs past the image return at once). Offsets are int32
 unless a tensor reaches past 2^31 elements (``INT64``). Where the launcher knows every tile to be whole
-(``FULL``) no pixel is masked; otherwise the forward repeats the plane's last row and column in a
-tile's pixels past it (:func:`_repeat_edges`: no mask either) and the backward masks them. Where a
-volume's tiles each lie in one depth slice (``ONE_SLICE``) a tile's depth is one division per tile.
+(``FULL``) no pixel is masked; otherwise the forward and the tap-index kernel repeat the plane's last
+row and column in a tile's pixels past it (:func:`_repeat_edges`: no mask either) and the backward
+masks them. Where a volume's tiles each lie in one depth slice (``ONE_SLICE``) a tile's depth is one
+division per tile.
 
 The input gradient is a scatter: relaxed atomics (no fences) into a float32 buffer or, for
 channels-last half-precision inputs with few contributions per pixel, the gradient itself with
@@ -98,7 +99,8 @@ def _repeat_edges(r, j, R_OUT, Wo, FULL: tl.constexpr):
     """The tile's pixels with those past the output plane moved onto its last row and column (``FULL``:
     none are). The forward computes such a pixel exactly as the edge pixel it repeats and stores the
     same bytes at the same address, so it needs no pixel mask at all: no mask reaches a tap, a load
-    or the store (mnist's forward: 37-40 -> 32 registers in the compile-only model, NOTES.md). A
+    or the store (mnist's forward: 37-40 -> 32 registers in the compile-only model, NOTES.md). The
+    tap-index kernel likewise writes the edge pixel's entries again (48 -> 40 registers in 2-D). A
     backward must not repeat a contribution, so it masks instead (:func:`_inside`)."""
     if FULL:
         return r, j
