@@ -261,9 +261,11 @@ def triplet_loss(model, encoder, x, rand_u, margin, size):
 
 
 def window_boxes(windows, canvas):
-    """Windows (N, 3) = (s, tx, ty) -> boxes (N, 4) = (x0, y0, x1, y1) in canvas pixels."""
+    """Windows (N, 3) = (s, tx, ty) -> boxes (N, 4) = (x0, y0, x1, y1) in canvas pixels. A learnt scale
+    (``--learn-scale``) may turn negative: that window is the same square turned half a turn, so its box
+    is that of ``|s|``."""
     s, tx, ty = windows.double().unbind(1)
-    cx, cy, half = (tx + 1) / 2 * canvas, (ty + 1) / 2 * canvas, s * canvas / 2
+    cx, cy, half = (tx + 1) / 2 * canvas, (ty + 1) / 2 * canvas, s.abs() * canvas / 2
     return torch.stack([cx - half, cy - half, cx + half, cy + half], 1)
 
 

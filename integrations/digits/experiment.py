@@ -711,8 +711,10 @@ def _tile(images, side, boxes=None):
         for i, cell in enumerate(boxes):
             for (x0, y0, x1, y1), colour in cell:
                 left = i * (side + 4) + 2
-                draw.rectangle([left + x0 * zoom_x, 2 + y0 * zoom_y, left + x1 * zoom_x - 1, 2 + y1 * zoom_y - 1],
-                               outline=colour)
+                xa, xb = left + x0 * zoom_x, left + x1 * zoom_x - 1
+                ya, yb = 2 + y0 * zoom_y, 2 + y1 * zoom_y - 1
+                # corners in order (PIL refuses others): a box under one pixel wide, or given right to left
+                draw.rectangle([min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)], outline=colour)
     return tile
 
 

@@ -13,6 +13,7 @@ from stn_triton.integrations.digits import addition as A
 from stn_triton.integrations.digits import colocalisation as C
 from stn_triton.integrations.digits import data as D
 from stn_triton.integrations.digits.cli import TASKS, main, parser
+from stn_triton.integrations.digits.experiment import _tile
 import stn_triton as st
 
 
@@ -159,6 +160,10 @@ def test_window_family_iou_and_the_loss(digits):
     assert fam.num_params == 2 and C.Window(0.4, learn_scale=True).identity().tolist() == pytest.approx([0.4, 0, 0])
     box = C.window_boxes(torch.tensor([[0.4, 0.0, 0.0]]), 60)
     torch.testing.assert_close(box, torch.tensor([[18.0, 18, 42, 42]], dtype=torch.float64))
+    # a learnt scale gone negative is the same square turned half a turn: the same box, scored and drawn
+    torch.testing.assert_close(C.window_boxes(torch.tensor([[-0.4, 0.0, 0.0]]), 60), box)
+    cells = [[((30.0, 30.0, 30.2, 30.2), "red"), ((42.0, 42.0, 18.0, 18.0), "green")]]  # tiny; right to left
+    assert _tile(torch.rand(1, 1, 60, 60), 84, cells).size == (88, 88)
     a = torch.tensor([0.0, 0, 2, 2])
     assert C.iou(a, a) == 1 and C.iou(a, torch.tensor([1.0, 0, 3, 2])) == pytest.approx(1 / 3)
     assert C.iou(a, torch.tensor([5.0, 5, 6, 6])) == 0
