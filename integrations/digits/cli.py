@@ -2,7 +2,7 @@
 
 Four of the paper's appendix A experiments, one task at a time. --task classify (the default) is
 the README's first command: R and RTS, CNN vs ST-CNN (affine), three seeds, 40 epochs with a
-rotation curriculum over the first 15, on scikit-learn's bundled digits, on the CPU, in about four
+rotation curriculum over the first 15, on scikit-learn's bundled digits, on the CPU, in about two
 minutes on two cores. --task addition: two RTS-distorted digits, one per channel, labelled with
 their sum; FCN and CNN against an ST-CNN with two parallel transformers. --task colocalisation:
 find the digit of one class in cluttered images with a triplet loss, no boxes and no labels. --task

@@ -43,7 +43,7 @@ def projective_terms(acc, p_part, p_m, p_aux, q, mask_p, P, DM, b, g_kept, w_kep
     # and denominator are made again from H by projective_coords' own expression rather than kept live
     # through the backward's channel loop (three values a pixel): mnist's backward 62 -> 56 registers, cub-k4's
     # modelled time +3.7% (NOTES.md); g_kept and w_kept, the kernel's copies, are not used
-    g2, w = projective_coords(p_m, p_aux, p_aux, DM, q, b, mask_p, P, DM, gg, FN, NDIM)
+    g2, w = projective_coords(p_m, p_aux, p_aux, DM, q, b, mask_p, P, DM, gg, FN, NDIM)  # reads only H and b
     gx = g2[0]
     gy = g2[1]
     x, y, _ = b
