@@ -158,6 +158,17 @@ class _IdentityHead(nn.LazyLinear):
                 self.bias.copy_(self.identity)
 
 
+def _regress(head, feats):
+    """``head(feats)``, in float32 with autocast off when autocast is on: the ops keep the transform
+    parameters float32 (a bfloat16 theta is a step of 2**-8 of the output's half-width, about a pixel
+    at 448 px), so the layer that makes them computes in float32 too."""
+    device_type = feats.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return head(feats.float())
+    return head(feats)
+
+
 def default_localization(ndim=2):
     """A small CNN (any number of input channels) ending in a 32-d feature vector; ``ndim=3``: its
     volumetric counterpart (3-D convolutions, for 5-D input)."""
@@ -210,7 +221,7 @@ class SpatialTransformer(nn.Module):
         Fn._check_input_nd(x)
         _check_family_fits(self.family, x)  # before the localisation network sees a wrong input
         feats = self.localization(x).flatten(1)
-        theta = self.head(feats)  # (N, K * P)
+        theta = _regress(self.head, feats)  # (N, K * P)
         if self.num_transforms > 1:
             theta = theta.view(x.shape[0], self.num_transforms, -1)
         out = spatial_transform(x, theta, self.family, self.size, self.mode, self.padding_mode, self.align_corners)

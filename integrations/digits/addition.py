@@ -278,7 +278,7 @@ def _table_note(cfg, digits, seconds):
             f"classes). Percent test error, mean ± standard deviation over seeds {list(cfg.seeds)}, with each model's "
             f"parameter count; {digits.name}, {len(digits.test_y)} test pairs, {cfg.epochs} epochs "
             f"({cfg.optimizer}; training pairs undistorted for {cfg.warmup} epochs, then distorted more and more "
-            f"to RTS's full range over {cfg.curriculum}), {seconds:.0f} s on {cfg.device}.")
+            f"to RTS's full range over {cfg.curriculum}), {cfg.took(seconds)}.")
     if len(cfg.seeds) >= 3:
         note += (f" Paired diff: the model's error minus the {BASELINE}'s, seed by seed, mean and 95% interval "
                  f"(paired t).")

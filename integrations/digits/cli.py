@@ -36,7 +36,7 @@ from stn_triton._cli import HelpFormatter, description
 from . import addition, colocalisation, threed
 from .data import missing_idx_files
 from .distortions import DISTORTIONS
-from .experiment import DEFAULT_LR, OPTIMIZERS, POSE_LR_SCALE, Config, DataError, run
+from .experiment import DEFAULT_LR, OPTIMIZERS, POSE_LR_SCALE, PRECISIONS, Config, DataError, run
 from .models import MODELS
 
 PAPER = dict(distortions=DISTORTIONS, models=MODELS, seeds=(0, 1, 2), epochs=60, batch_size=256, lr=1e-3)
@@ -121,6 +121,11 @@ def _shared_arguments(p, d, fields):
         help="shrink the objects by this before distorting them (default: measured from the training "
              "images, 1 unless they reach beyond the frame's inscribed circle, as Fashion-MNIST's do)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add("--precision", choices=PRECISIONS, default=d.precision,
+        help="what training computes in: float32, or bfloat16 autocast (convolutions and linear layers in "
+             "bfloat16; weights, optimiser, transform parameters and every evaluation in float32); auto: "
+             "bfloat16 where the device has bfloat16 instructions (a CPU with AVX512-BF16 or AMX, a GPU "
+             "that supports it), else float32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads, 1 or more (default: all cores)")
     add("--workers", type=int, default=getattr(d, "workers", 0),
         help="runs trained at once, each in its own process with its share of the threads (small networks "

@@ -364,7 +364,7 @@ def _table_note(cfg, digits, encoder_errors, seconds):
             f"{_mean_sd(encoder_errors)}%). Share of test images whose crop overlaps the digit's box (the smallest "
             f"square around its ink, known from the generator) with IoU > 0.5, mean ± sd over seeds "
             f"{list(cfg.seeds)}; random: windows of the same size placed uniformly ({cfg.random_draws} per image); "
-            f"{digits.name}, {cfg.epochs} epochs ({cfg.optimizer}), {seconds:.0f} s on {cfg.device}.")
+            f"{digits.name}, {cfg.epochs} epochs ({cfg.optimizer}), {cfg.took(seconds)}.")
 
 
 def _run_line(r, encoder_error):

@@ -13,6 +13,7 @@ What the transformers learnt is measured, not only drawn: on R and RTS, :func:`r
 compares the rotation each affine transformer undoes with the rotation the distortion applied.
 """
 
+import contextlib
 import copy
 import importlib.metadata
 import itertools
@@ -44,6 +45,7 @@ DEFAULT_LR = {"adam": 2e-3, "sgd": 1e-2}
 SGD_MOMENTUM = 0.9
 SGD_STEPS = (1 / 3, 2 / 3)  # SGD's rate is divided by 10 after these fractions of the epochs
 ROTATING = ("R", "RTS")  # the distortions whose rotation is measured
+PRECISIONS = ("float32", "bfloat16", "auto")
 OBJECT_PERCENTILE = 99.0
 
 
@@ -70,6 +72,10 @@ class TrainConfig:
     out: str = "runs/digits"
     figure_count: int = 12
     progress: bool = True  # progress bars, on a terminal only
+    # what the training steps compute in: "float32", or "bfloat16" (autocast: convolutions and linear
+    # layers in bfloat16, weights, optimiser and every transform parameter in float32; evaluation is
+    # always float32), or "auto": bfloat16 where the device computes it natively (see compute_precision)
+    precision: str = "float32"
 
     def __post_init__(self):
         self.seeds = check_distinct("seeds", self.seeds)
@@ -101,6 +107,33 @@ class TrainConfig:
             raise ValueError("keep: 'best' chooses on the validation split: give val_fraction > 0")
         if self.object_scale is not None and not 0 < self.object_scale <= 1:
             raise ValueError(f"object_scale: expected a number in (0, 1], got {self.object_scale!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def compute_precision(self):
+        """``precision`` with "auto" decided for ``device``: "bfloat16" on a GPU that supports it, and
+        on a CPU with bfloat16 instructions (AVX512-BF16 or AMX; there a training step of the main
+        job's models takes about two thirds of its float32 time), else "float32"."""
+        if self.precision != "auto":
+            return self.precision
+        dev = torch.device(self.device)
+        if dev.type == "cuda":
+            native = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        else:  # torch's own CPU probes; without them (another torch), float32
+            native = any(getattr(torch.cpu, probe, lambda: False)()
+                         for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        return "bfloat16" if native else "float32"
+
+    def took(self, seconds):
+        """How long the task took, where, and in what precision, for its table's note."""
+        how = ", trained in bfloat16 autocast" if self.compute_precision() == "bfloat16" else ""
+        return f"{seconds:.0f} s on {self.device}{how}"
+
+    def autocast(self):
+        """The context a training step's forward runs in (autocast for "bfloat16", else nothing)."""
+        if self.compute_precision() == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16)
 
 
 def _splits(n, fraction):
@@ -161,6 +194,7 @@ class Config(TaskConfig):
 
     distortions: tuple = ("R", "RTS")
     models: tuple = ("CNN", "ST-CNN-aff")
+    precision: str = "auto"  # the main job's numbers and times are measured so (README)
     # R and RTS: the training images' largest rotation grows linearly from 1/curriculum of the full
     # angle in the first epoch to the full angle in epoch `curriculum` (1-based), then stays; 0: none.
     # The same images for every model; validation and test always use the full angle.
@@ -471,6 +505,7 @@ class Fit:
     val_errors: list
     kept_epoch: int
     seconds: float
+    precision: str  # what the training steps computed in (TrainConfig.compute_precision)
 
 
 def cross_entropy(model, x, y):
@@ -486,7 +521,8 @@ def fit(model, cfg, train_data, seed, val_error=None, bar=None, loss=cross_entro
     costing ``loss(model, x, y)`` (default: cross entropy of the model's logits). ``val_error(model)``
     (optional; lower is better) is measured after every epoch; with ``cfg.keep == "best"`` the model
     ends with the weights of the epoch where it was lowest, else with the last epoch's. ``bar``: a
-    progress bar advanced once per epoch."""
+    progress bar advanced once per epoch. The steps' forward runs under ``cfg.autocast()``; the loss
+    is a float32 number either way, and ``val_error`` sees the float32 model."""
     losses, val_errors, best = [], [], None
     start = time.perf_counter()
     opt = sched = per_batch = None
@@ -500,7 +536,8 @@ def fit(model, cfg, train_data, seed, val_error=None, bar=None, loss=cross_entro
         total = 0.0
         for i in range(0, n, cfg.batch_size):
             idx = order[i:i + cfg.batch_size]
-            batch_loss = loss(model, x[idx], None if y is None else y[idx])
+            with cfg.autocast():
+                batch_loss = loss(model, x[idx], None if y is None else y[idx]).float()
             opt.zero_grad(set_to_none=True)
             batch_loss.backward()
             opt.step()
@@ -521,7 +558,7 @@ def fit(model, cfg, train_data, seed, val_error=None, bar=None, loss=cross_entro
     if best is not None:
         kept = best[0]
         model.load_state_dict(best[1])
-    return Fit(losses, val_errors, kept, time.perf_counter() - start)
+    return Fit(losses, val_errors, kept, time.perf_counter() - start, cfg.compute_precision())
 
 
 def train_one(model_name, distortion, seed, digits, cfg, bar=None):
@@ -672,7 +709,7 @@ def format_table(results, cfg):
 
 def _table_note(cfg, digits, epochs, seconds):
     note = (f"Percent test error, mean ± standard deviation over seeds {list(cfg.seeds)}, with each model's "
-            f"parameter count; {digits.name}, {epochs} epochs ({cfg.optimizer}), {seconds:.0f} s on {cfg.device}.")
+            f"parameter count; {digits.name}, {epochs} epochs ({cfg.optimizer}), {cfg.took(seconds)}.")
     if len(cfg.seeds) >= 3:
         note += (" Paired diff: the model's error minus its baseline's (CNN for ST-CNN, FCN for ST-FCN), seed by "
                  "seed, mean and 95% interval (paired t).")
@@ -800,7 +837,8 @@ class Session:
         _DATA[_data_key(cfg)] = digits
         n_val = 0 if digits.val_y is None else len(digits.val_y)
         log(f"data: {digits.name}, {len(digits.train_y)} train / {n_val} validation / {len(digits.test_y)} test "
-            f"images; device {cfg.device}, {torch.get_num_threads()} threads, "
+            f"images; device {cfg.device}, {torch.get_num_threads()} threads, training in {cfg.compute_precision()}"
+            f"{' autocast' if cfg.compute_precision() != 'float32' else ''}, "
             f"backend {st.backend(torch.empty(0, device=cfg.device))}")
         how = (f"measured: {OBJECT_PERCENTILE:g}th percentile of the ink radius over the training images, "
                f"{objects['radius_px']:.1f} px from the frame's centre" if objects["measured"] else "given")
@@ -854,6 +892,7 @@ class Session:
             "code": self.code,
             "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "threads": torch.get_num_threads(), "device": cfg.device,
+                        "precision": cfg.compute_precision(),
                         "gpu": torch.cuda.get_device_name() if cfg.device.startswith("cuda") else None,
                         "torch": torch.__version__},
             "seconds": round(total, 1),
@@ -951,7 +990,8 @@ def _classify_job(cfg, job, bar=None):
          "kept_epoch": t.kept_epoch, "train_loss": [round(v, 5) for v in t.train_loss],
          "val_errors": [round(v, 3) for v in t.val_errors],
          "localization_lr_scale": cfg.localization_lr_scale_for(d),
-         "threads": torch.get_num_threads()}  # (a run's last digits can depend on them)
+         "threads": torch.get_num_threads(),  # (a run's last digits can depend on them)
+         "precision": cfg.compute_precision()}
     if d in ROTATING:
         if hasattr(t.model, "transformer") and t.model.transformer.family.name == "affine":
             r["rotation"] = rotation_report(t.model, t.test_x, t.test_params["angle"],

@@ -407,7 +407,7 @@ def _table_note(cfg, digits, seconds):
             f"{cfg.depth} x {cfg.st_size} x {cfg.st_size} output (att3d: scale and shift only). Percent test error, "
             f"mean ± standard deviation over seeds {list(cfg.seeds)}, with each model's parameter count; "
             f"{digits.name}, {len(digits.test_y)} test volumes, {cfg.epochs} epochs ({cfg.optimizer}), "
-            f"{seconds:.0f} s on {cfg.device}.")
+            f"{cfg.took(seconds)}.")
     if len(cfg.seeds) >= 3:
         note += " Paired diff: the model's error minus the other's, seed by seed, mean and 95% interval (paired t)."
     note += (" Residual tilt: the angle between the direction the classifier's input is summed along, seen in the "

@@ -266,6 +266,27 @@ def test_autocast_samples_in_low_precision_keeps_theta_fp32(device, form):
     assert_close(out, ref[:, 0], torch.bfloat16, "autocast output")
 
 
+def test_spatial_transformer_regresses_theta_in_float32_under_autocast(device):
+    """Under bfloat16 autocast the module's regression layer computes theta in float32 from the
+    localisation network's (bfloat16) features, as the ops then use it: a bfloat16 theta would be a
+    step of 2**-8 of the output's half-width; the output is sampled in bfloat16."""
+    loc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 7, 32))
+    m = st.SpatialTransformer(loc, size=(4, 5), return_theta=True).to(device)
+    x = torch.randn(2, 3, 6, 7, device=device)
+    m(x)  # materialise the regression layer
+    with torch.no_grad():
+        m.head.weight.normal_(0, 1e-2)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        out, theta = m(x)
+        feats = m.localization(x)
+    assert feats.dtype == torch.bfloat16 and out.dtype == torch.bfloat16 and theta.dtype == torch.float32
+    want = torch.nn.functional.linear(feats.float(), m.head.weight, m.head.bias)
+    torch.testing.assert_close(theta, want, rtol=1e-6, atol=1e-6)
+    assert (theta - want.bfloat16().float()).abs().max() > 0  # what a bfloat16 layer would have rounded
+    (g,) = torch.autograd.grad(out.float().sum(), m.head.weight)
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+
+
 def test_backend_selection(device, monkeypatch):
     x = torch.randn(1, 1, 2, 2, device=device)
     assert st.backend(x) == ("triton" if device == "cuda" else "interpreter")

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import math
 import struct
 
 import numpy as np
@@ -13,7 +14,7 @@ import stn_triton as st
 from stn_triton.integrations.digits import data as D
 from stn_triton.integrations.digits.cli import main
 from stn_triton.integrations.digits.distortions import DISTORTIONS, canvas_size, distort, homography
-from stn_triton.integrations.digits.experiment import Config, format_table, run
+from stn_triton.integrations.digits.experiment import Config, TrainConfig, fit, format_table, run
 from stn_triton.integrations.digits.models import MODELS, build, count_parameters
 
 CANVAS = {"R": 28, "RTS": 42, "P": 28, "E": 28, "TC": 60}
@@ -196,6 +197,52 @@ def test_bad_model_and_config():
         Config(distortions=("Q",))
     with pytest.raises(ValueError, match=r"epochs: expected a positive int, got 0"):
         Config(epochs=0)
+
+
+def test_precision_is_checked_and_auto_follows_the_cpu(monkeypatch):
+    with pytest.raises(ValueError, match=r"precision: expected one of float32, bfloat16, auto, got 'fp16'"):
+        Config(precision="fp16")
+    assert TrainConfig().precision == "float32" and Config().precision == "auto"
+    assert Config(precision="float32").compute_precision() == "float32"
+    assert Config(precision="bfloat16").compute_precision() == "bfloat16"
+    for bf16, amx, want in [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert Config().compute_precision() == want
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: float32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert Config().compute_precision() == "float32"
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_fit_trains_under_its_precision_and_validates_in_float32(reference, precision):
+    """The steps' forward runs under bfloat16 autocast (the transformer's theta still float32, its output
+    and the classifier's logits bfloat16) or without; the loss is float32 either way, the weights stay
+    float32 and learn, and validation sees the model without autocast."""
+    torch.manual_seed(0)
+    model = build("ST-CNN-aff", 28, 28)
+    x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
+    model(x[:2])
+    seen = {}
+
+    def loss(m, xb, yb):
+        logits = m(xb)
+        seen.update(autocast=torch.is_autocast_enabled("cpu"), st=m.transformer(xb).dtype, logits=logits.dtype)
+        return torch.nn.functional.cross_entropy(logits, yb)
+
+    def val_error(m):
+        seen["val_autocast"] = torch.is_autocast_enabled("cpu")
+        return 0.0
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(epochs=2, batch_size=8, precision=precision)
+    f = fit(model, cfg, lambda epoch: (x, y), 0, val_error, loss=loss)
+    low = precision == "bfloat16"
+    assert f.precision == precision and seen["autocast"] == low and not seen["val_autocast"]
+    assert seen["st"] == seen["logits"] == (torch.bfloat16 if low else torch.float32)
+    assert all(math.isfinite(v) for v in f.train_loss)
+    assert all(v.dtype == before[k].dtype for k, v in model.state_dict().items())
+    assert not torch.equal(model.state_dict()["transformer.head.weight"], before["transformer.head.weight"])
 
 
 def test_smoke_run_every_model(reference, tmp_path):
