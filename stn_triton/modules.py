@@ -159,14 +159,19 @@ class _IdentityHead(nn.LazyLinear):
 
 
 def _regress(head, feats):
-    """``head(feats)``, in float32 with autocast off when autocast is on: the ops keep the transform
-    parameters float32 (a bfloat16 theta is a step of 2**-8 of the output's half-width, about a pixel
-    at 448 px), so the layer that makes them computes in float32 too."""
+    """``head(feats)``, in at least float32 with autocast off when autocast is on: the ops keep the
+    transform parameters float32 (a bfloat16 theta is a step of 2**-8 of the output's half-width, about
+    a pixel at 448 px), so the layer that makes them computes in float32 too, whatever the features'
+    dtype (and in float64 for a float64 layer; a half-precision layer's weights are promoted)."""
     device_type = feats.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return head(feats.float())
-    return head(feats)
+    if not (device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)):
+        return head(feats)
+    dtype = torch.promote_types(head.weight.dtype, torch.float32)
+    with torch.autocast(device_type, enabled=False):
+        if head.weight.dtype == dtype:  # the module itself (hooks run; a lazy layer materialises)
+            return head(feats.to(dtype))
+        bias = None if head.bias is None else head.bias.to(dtype)
+        return torch.nn.functional.linear(feats.to(dtype), head.weight.to(dtype), bias)
 
 
 def default_localization(ndim=2):

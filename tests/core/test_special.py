@@ -285,6 +285,15 @@ def test_spatial_transformer_regresses_theta_in_float32_under_autocast(device):
     assert (theta - want.bfloat16().float()).abs().max() > 0  # what a bfloat16 layer would have rounded
     (g,) = torch.autograd.grad(out.float().sum(), m.head.weight)
     assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    for dtype in (torch.bfloat16, torch.float64):  # a model in another dtype: theta in at least float32
+        other = m.to(dtype)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16):
+            out, theta = other(x.to(dtype))
+        want = torch.promote_types(dtype, torch.float32)
+        assert theta.dtype == want and torch.isfinite(out).all()
+        feats = other.localization(x.to(dtype)).to(want)
+        torch.testing.assert_close(theta, torch.nn.functional.linear(feats, other.head.weight.to(want),
+                                                                     other.head.bias.to(want)))
 
 
 def test_backend_selection(device, monkeypatch):

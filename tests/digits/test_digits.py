@@ -14,6 +14,7 @@ import stn_triton as st
 from stn_triton.integrations.digits import data as D
 from stn_triton.integrations.digits.cli import main
 from stn_triton.integrations.digits.distortions import DISTORTIONS, canvas_size, distort, homography
+from stn_triton.integrations.digits import experiment as E
 from stn_triton.integrations.digits.experiment import Config, TrainConfig, fit, format_table, run
 from stn_triton.integrations.digits.models import MODELS, build, count_parameters
 
@@ -202,23 +203,36 @@ def test_bad_model_and_config():
 def test_precision_is_checked_and_auto_follows_the_cpu(monkeypatch):
     with pytest.raises(ValueError, match=r"precision: expected one of float32, bfloat16, auto, got 'fp16'"):
         Config(precision="fp16")
+    with pytest.raises(ValueError, match=r"precision: bfloat16 \(autocast\) needs a cpu or cuda device, got "
+                                         r"device 'mps'; expected float32 or auto there"):
+        Config(precision="bfloat16", device="mps")
     assert TrainConfig().precision == "float32" and Config().precision == "auto"
     assert Config(precision="float32").compute_precision() == "float32"
     assert Config(precision="bfloat16").compute_precision() == "bfloat16"
+
+    def auto(device="cpu"):
+        E._native_bfloat16.cache_clear()  # (the answer is kept per device: the hardware does not change)
+        return Config(device=device).compute_precision()
     for bf16, amx, want in [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
-        assert Config().compute_precision() == want
+        assert auto() == want
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe: float32
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert Config().compute_precision() == "float32"
+    assert auto() == "float32"
+    assert auto("mps") == "float32"  # no autocast made for it here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, want in [((7, 5), "float32"), ((8, 0), "bfloat16"), ((9, 0), "bfloat16")]:  # T4: emulated
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert auto("cuda:1") == want
+    E._native_bfloat16.cache_clear()
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_fit_trains_under_its_precision_and_validates_in_float32(reference, precision):
-    """The steps' forward runs under bfloat16 autocast (the transformer's theta still float32, its output
-    and the classifier's logits bfloat16) or without; the loss is float32 either way, the weights stay
-    float32 and learn, and validation sees the model without autocast."""
+    """The steps' forward runs under bfloat16 autocast (the transformer's output and the classifier's
+    logits bfloat16) or without; the loss is float32 either way, the weights stay float32 and learn,
+    and validation sees the model without autocast."""
     torch.manual_seed(0)
     model = build("ST-CNN-aff", 28, 28)
     x, y = torch.rand(16, 1, 28, 28), torch.arange(16) % 10
@@ -286,6 +300,16 @@ def test_cli(reference, tmp_path, capsys):
     assert "data: idx, 18 train / 2 validation / 8 test images" in printed and "| ST-FCN-tps |" in printed
     saved = json.loads((tmp_path / "o" / "results.json").read_text())
     assert saved["config"]["seeds"] == [3] and saved["config"]["distortions"] == ["P"]
+    want = "bfloat16" if E._native_bfloat16("cpu") else "float32"  # the default, auto, on this CPU
+    assert saved["machine"]["precision"] == want and {r["precision"] for r in saved["results"]} == {want}
+    assert f"training in {want}" in printed
+    assert main(["--data", str(folder), "--models", "CNN", "--seeds", "3", "--epochs", "1", "--batch-size", "8",
+                 "--distortions", "P", "--out", str(tmp_path / "f"), "--no-progress", "--workers", "1",
+                 "--precision", "float32"]) == 0
+    assert "training in float32, " in capsys.readouterr().out
+    saved = json.loads((tmp_path / "f" / "results.json").read_text())
+    assert saved["machine"]["precision"] == saved["results"][0]["precision"] == "float32"
+    assert saved["config"]["precision"] == "float32"
     with pytest.raises(SystemExit):
         main(["--distortions", "Q"])
     assert "invalid choice: 'Q'" in capsys.readouterr().err
