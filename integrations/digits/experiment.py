@@ -217,7 +217,7 @@ class Config(TaskConfig):
     # from 6 to 90 degrees (R's range); from `hold` to `end`, translation, scale and rotation move
     # linearly to RTS's own (validation and test always use them); and RTS's localisation networks learn
     # at POSE_LR_SCALE times the rate `localization_lr_scale` gives. In float32 (15, 25) left less rotation
-    # in the transformer's output than the default on every seed tried, in bfloat16 on four of six, at a
+    # in the transformer's output than the default on every seed tried, in bfloat16 on five of six, at a
     # slightly higher error (README: the search); off by default for that error.
     pose_curriculum: tuple = ()
     save_models: bool = False  # every trained model under <out>/models/
