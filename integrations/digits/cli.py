@@ -122,10 +122,10 @@ def _shared_arguments(p, d, fields):
              "images, 1 unless they reach beyond the frame's inscribed circle, as Fashion-MNIST's do)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     add("--precision", choices=PRECISIONS, default=d.precision,
-        help="what training computes in: float32, or bfloat16 autocast (convolutions and linear layers in "
-             "bfloat16; weights, optimiser, transform parameters and every evaluation in float32); auto: "
-             "bfloat16 where the device has bfloat16 instructions (a CPU with AVX512-BF16 or AMX, a GPU "
-             "that supports it), else float32")
+        help="what training computes in: float32, or bfloat16 autocast (convolutions, linear layers and the "
+             "transformers' output in bfloat16; weights, optimiser, transform parameters and every evaluation "
+             "in float32); auto: bfloat16 where the device has bfloat16 instructions (a CPU with AVX512-BF16 "
+             "or AMX, a GPU of compute capability 8.0 or more), else float32")
     p.add_argument("--threads", type=int, default=None, help="CPU threads, 1 or more (default: all cores)")
     add("--workers", type=int, default=getattr(d, "workers", 0),
         help="runs trained at once, each in its own process with its share of the threads (small networks "
