@@ -14,6 +14,7 @@ adds its pixels' terms ``gg_r * b_c`` (row-major in (r, c), one block column eac
 sums (stage one of a fixed-order, two-stage reduction; the host sums the partials).
 """
 
+import functools
 import math
 
 import torch
@@ -64,5 +65,28 @@ def affine_grid(params, size, align_corners):
     if N * K * math.prod(size) == 0:  # F.affine_grid refuses empty sizes
         base = transforms_registry.base_grid(size, align_corners, theta.dtype, theta.device).T
         return torch.einsum("nkij,pj->nkpi", theta, base).reshape(N, K, *size, nd)
-    g = F.affine_grid(theta.reshape(N * K, nd, nd + 1), (N * K, 1, *size), align_corners=align_corners)
+    theta = theta.reshape(N * K, nd, nd + 1)
+    if _bmm_is_affine_grid(theta):
+        # (N K, n, P) -> (N K, *size, n), a strided view: grid_sample reads it as it is, sooner than copied
+        g = torch.bmm(theta, _cpu_base(tuple(size), align_corners).expand(N * K, -1, -1))
+        g = g.view(N * K, nd, *size).movedim(1, -1)
+    else:
+        g = F.affine_grid(theta, (N * K, 1, *size), align_corners=align_corners)
     return g.reshape(N, K, *size, nd)
+
+
+def _bmm_is_affine_grid(theta):
+    """Whether ``theta @ base`` (a batched (n, n+1) x (n+1, P) product on a cached base grid) gives
+    ``F.affine_grid``'s grid and gradients bit for bit, at a third of its time or less: eager float32 CPU
+    tensors. PyTorch's CPU ``affine_grid`` fills an (N, P, n+1) base and multiplies (N, P, n+1) x
+    (N, n+1, n), a shape its float32 ``bmm`` runs slowly; the same sums in the other orientation run
+    fast and round the same (``test_reference_affine_is_bitwise_pytorchs_in_float32`` holds it to that).
+    float64 rounds differently that way, so it, tracing and other devices keep ``F.affine_grid``."""
+    return (type(theta) is torch.Tensor and theta.dtype == torch.float32 and theta.device.type == "cpu"
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_base(size, align_corners):
+    """(1, n + 1, P) float32 CPU base grid of an output ``size`` (``F.affine_grid``'s own values)."""
+    return transforms_registry.base_grid(size, align_corners, torch.float32, "cpu").contiguous()[None]

@@ -2,8 +2,11 @@
 outputs in the input's memory format, and under ``torch.autocast`` the map sampled in the autocast
 dtype with the parameters in float32. Each case runs on both paths and compares them."""
 
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import stn_triton as st
 from _cases import FORMS, make_params, run
@@ -88,11 +91,48 @@ def test_autocast_keeps_the_coordinates_in_float32(on_path):
     assert torch.equal(under, plain)
 
 
-def test_reference_path_is_differentiable_twice(on_path):
-    """The default CPU path is plain autograd: second derivatives exist there."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_path_is_differentiable_twice(on_path, dtype):
+    """The default CPU path is plain autograd: second derivatives exist there (float32 makes its affine
+    grid on its own base grid, float64 with F.affine_grid: both), and agree with PyTorch's."""
     on_path("reference")
-    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
-    theta = (torch.eye(2, 3, dtype=torch.float64) * 0.8)[None].requires_grad_()
-    (gx,) = torch.autograd.grad(st.affine_sample(x, theta, (4, 4)).square().sum(), x, create_graph=True)
-    (gt,) = torch.autograd.grad(gx.sum(), theta)
-    assert torch.isfinite(gt).all()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 2, 5, 6, dtype=dtype, generator=gen).requires_grad_()
+    theta = (torch.eye(2, 3, dtype=dtype) * 0.8 + 0.1 * torch.randn(2, 3, dtype=dtype, generator=gen))[None]
+    theta.requires_grad_()
+    second = {}
+    for name, f in (("ours", lambda: st.affine_sample(x, theta, (4, 4))),
+                    ("torch", lambda: F.grid_sample(x, F.affine_grid(theta, (1, 2, 4, 4), align_corners=False),
+                                                    align_corners=False))):
+        (gx,) = torch.autograd.grad(f().square().sum(), x, create_graph=True)
+        second[name] = torch.autograd.grad(gx.square().sum(), theta)[0]
+    assert torch.isfinite(second["ours"]).all() and second["ours"].abs().sum() > 0
+    torch.testing.assert_close(second["ours"], second["torch"])
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+def test_reference_affine_is_bitwise_pytorchs_in_float32(on_path, nd):
+    """On the default CPU path a float32 affine transform makes its grid as ``theta @ base`` (a third of
+    ``F.affine_grid``'s time on the CPU), which must round exactly as ``F.affine_grid`` does: output and
+    both gradients equal ``F.grid_sample(x, F.affine_grid(theta))`` bit for bit, at odd sizes, one-pixel
+    axes, both alignments, zoom-in and down-sampling."""
+    on_path("reference")
+    gen = torch.Generator().manual_seed(11)
+    sizes = [(7, 5), (1, 9), (33, 2), (28, 28)] if nd == 2 else [(3, 5, 4), (1, 2, 7), (6, 6, 6)]
+    for i, size in enumerate(sizes):
+        for align_corners in (False, True):
+            n = 5 if i % 2 else 32
+            shape = (n, 2, *[s + 3 * (i % 2) - 1 if s > 1 else 4 for s in size])
+            x = torch.randn(shape, generator=gen).requires_grad_()
+            eye = torch.eye(nd, nd + 1)
+            theta = (eye * (0.5 + 1.5 * torch.rand(n, 1, 1, generator=gen))
+                     + 0.3 * torch.randn(n, nd, nd + 1, generator=gen)).requires_grad_()
+            with warnings.catch_warnings():  # PyTorch's one-pixel align_corners=True warning, both sides
+                warnings.simplefilter("ignore", UserWarning)
+                ours = st.affine_sample(x, theta, size, align_corners=align_corners)
+                grid = F.affine_grid(theta, (n, 2, *size), align_corners=align_corners)
+            want = F.grid_sample(x, grid, align_corners=align_corners)
+            g = torch.randn(want.shape, generator=gen)
+            assert torch.equal(ours, want), (size, align_corners)
+            for a, b in zip(torch.autograd.grad(ours, (x, theta), g), torch.autograd.grad(want, (x, theta), g)):
+                assert torch.equal(a, b), (size, align_corners)
