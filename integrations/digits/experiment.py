@@ -948,15 +948,28 @@ def _worker_start(threads, parent):
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _start_method(cfg, threads):
+    """How :func:`run_jobs` starts its workers: ``"fork"`` where the OS has it, on the CPU, with one
+    thread a worker, else ``"spawn"``. A forked worker has this process's imports and data at once
+    (a spawned one spends about 3.5 s of a two-minute job importing torch and reading the digits
+    again); one thread keeps it off the OpenMP pool it inherits, which is not safe to use after a
+    fork, and CUDA cannot be forked at all."""
+    import multiprocessing
+    if cfg.device == "cpu" and threads == 1 and "fork" in multiprocessing.get_all_start_methods():
+        return "fork"
+    return "spawn"
+
+
 def run_jobs(fn, jobs, cfg, bar=None, epochs=None, done=None):
     """``fn(cfg, job, bar)`` for each of ``jobs`` (each a tuple of picklable arguments; ``fn`` a
     module-level function, whose own results are picklable too); returns the results in the order
     of ``jobs``. ``done(job, result)`` is called in this process as each finishes.
 
     With ``cfg.workers`` > 1 (0: one per CPU thread on the CPU, at most one per job; 1 on a GPU),
-    the jobs run in that many spawned processes, the CPU threads shared out among them; each reads
-    the data itself (:func:`task_data`) and ``bar`` advances by ``epochs(job)`` as each finishes;
-    in this process ``fn`` gets the bar and advances it itself."""
+    the jobs run in that many worker processes, the CPU threads shared out among them, and ``bar``
+    advances by ``epochs(job)`` as each finishes; in this process ``fn`` gets the bar and advances it
+    itself. The workers are forked (:func:`_start_method`), so they start at once with this process's
+    imports and data (:func:`task_data`), or spawned, and then import and read the data themselves."""
     jobs = list(jobs)
     workers = cfg.workers
     if workers == 0:
@@ -973,8 +986,8 @@ def run_jobs(fn, jobs, cfg, bar=None, epochs=None, done=None):
     from concurrent.futures import ProcessPoolExecutor, as_completed
     threads = max(1, torch.get_num_threads() // workers)
     results = [None] * len(jobs)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
-                               initargs=(threads, os.getpid()))
+    context = multiprocessing.get_context(_start_method(cfg, threads))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start, initargs=(threads, os.getpid()))
     try:
         running = {pool.submit(fn, cfg, job, None): i for i, job in enumerate(jobs)}
         for future in as_completed(running):
@@ -1032,9 +1045,10 @@ def run(cfg, log=_print):
     terminal.
 
     With ``cfg.workers`` other than 1 on the CPU (the default, 0: one process per CPU thread) the runs
-    train in spawned processes (:func:`run_jobs`): call this under ``if __name__ == "__main__":`` in a
-    script, and define a ``Config`` subclass (e.g. one overriding ``train_options``) in an importable
-    module, not in ``__main__`` or a notebook; ``workers=1`` trains them here, one after another."""
+    train in worker processes (:func:`run_jobs`), which may be spawned (always on macOS and Windows):
+    call this under ``if __name__ == "__main__":`` in a script, and define a ``Config`` subclass (e.g.
+    one overriding ``train_options``) in an importable module, not in ``__main__`` or a notebook;
+    ``workers=1`` trains them here, one after another."""
     session = Session.start(cfg, log)
     session.open_bar(len(cfg.distortions) * len(cfg.seeds) * len(cfg.models) * cfg.epochs)
     digits, out = session.digits, session.out

@@ -240,7 +240,7 @@ def test_colocalisation_smoke_run(reference, tmp_path):
 
 def _one_then_two(run, make_config, tmp_path):
     """``run`` of ``make_config(out, workers)`` one run after another at one thread (workers=1), then in two
-    spawned processes (workers=2, two threads here): both results and the second's log lines."""
+    worker processes (workers=2, two threads here, so forked on Linux): both results and the second's log lines."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -254,7 +254,7 @@ def _one_then_two(run, make_config, tmp_path):
 
 
 def test_runs_in_parallel_processes_equal_runs_in_this_one(reference, tmp_path):
-    """--workers 2 trains the runs in two spawned processes (one thread each here): the same results,
+    """--workers 2 trains the runs in two worker processes (one thread each here): the same results,
     in the same order, as one after the other in this process at one thread; each run says its threads."""
     common = dict(models=("CNN", "ST-CNN-multi"), seeds=(0,), epochs=1, train_limit=40, test_limit=12, batch_size=16,
                   progress=False, figure_count=2)
@@ -293,6 +293,45 @@ def test_classify_runs_in_parallel_processes_equal_runs_in_this_one(reference, t
     a = Image.open(tmp_path / "one" / "figures" / "RTS.png")
     b = Image.open(tmp_path / "two" / "figures" / "RTS.png")
     assert a.size == b.size and a.tobytes() == b.tobytes()
+
+
+_SET_AT_RUN_TIME = {}
+
+
+def _job_facts(cfg, job, bar):
+    """A job for run_jobs: what it saw, as a worker (module-level, so a spawned worker can import it)."""
+    import os
+    return job, torch.get_num_threads(), os.getpid(), _SET_AT_RUN_TIME.get("by the parent", False)
+
+
+@pytest.mark.parametrize("threads, method", [(2, "fork"), (4, "spawn")])
+def test_workers_fork_with_one_thread_each_and_spawn_otherwise(threads, method):
+    """run_jobs forks its CPU workers when each gets one thread (they start with this process's imports
+    and data) and spawns them when each gets more (a forked process must not use the OpenMP pool it
+    inherits) or on a GPU; either way the results come back in the jobs' order."""
+    import multiprocessing
+    import os
+
+    from stn_triton.integrations.digits import experiment as E
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("this OS cannot fork")
+    assert E._start_method(E.Config(device="cuda"), 1) == "spawn"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        cfg = E.Config(workers=2)
+        assert E._start_method(cfg, threads // 2) == method
+        _SET_AT_RUN_TIME["by the parent"] = True
+        got = E.run_jobs(_job_facts, [3, 1, 2], cfg)
+    finally:
+        torch.set_num_threads(before)
+        _SET_AT_RUN_TIME.clear()
+    assert [g[0] for g in got] == [3, 1, 2]
+    assert {g[1] for g in got} == {threads // 2}
+    assert os.getpid() not in {g[2] for g in got} and len({g[2] for g in got}) <= 2
+    # a forked worker has this process's state from the start; a spawned one imports its modules afresh
+    assert [g[3] for g in got] == [method == "fork"] * 3
 
 
 def test_task_configs_refuse_bad_values():

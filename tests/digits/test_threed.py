@@ -198,7 +198,7 @@ def test_smoke_run_writes_table_and_figure(tmp_path):
 
 
 def test_cli_3d(tmp_path, capsys):
-    """The task from the command line, its two runs in two spawned processes (each rendering the
+    """The task from the command line, its two runs in two worker processes (each rendering the
     volumes itself, afresh every epoch here)."""
     assert "3d" in TASKS
     assert main(["--task", "3d", "--models", "CNN", "ST-CNN-3d", "--seeds", "0", "--epochs", "1", "--train-limit",
