@@ -1,5 +1,7 @@
 """``spatial_transform`` (any registered family) and the ``SpatialTransformer`` module."""
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -159,15 +161,17 @@ class _IdentityHead(nn.LazyLinear):
 
 
 def _regress(head, feats):
-    """``head(feats)``, in at least float32 with autocast off when autocast is on: the ops keep the
-    transform parameters float32 (a bfloat16 theta is a step of 2**-8 of the output's half-width, about
-    a pixel at 448 px), so the layer that makes them computes in float32 too, whatever the features'
-    dtype (and in float64 for a float64 layer; a half-precision layer's weights are promoted)."""
+    """``head(feats)`` in at least float32: the ops keep the transform parameters float32 (a bfloat16
+    theta is a step of 2**-8 of the output's half-width, about a pixel at 448 px), so the layer that
+    makes them computes in float32 too, whatever the features' dtype: with autocast off under
+    autocast, and a half-precision layer's weights promoted with or without it (a float64 layer
+    computes in float64). The timm integration's regression layer follows the same rule."""
     device_type = feats.device.type
-    if not (device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)):
-        return head(feats)
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    if not autocast and feats.dtype not in (torch.float16, torch.bfloat16):
+        return head(feats)  # (the weight is not read before the call: a lazy layer, traced, materialises there)
     dtype = torch.promote_types(head.weight.dtype, torch.float32)
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         if head.weight.dtype == dtype:  # the module itself (hooks run; a lazy layer materialises)
             return head(feats.to(dtype))
         bias = None if head.bias is None else head.bias.to(dtype)

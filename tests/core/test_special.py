@@ -267,9 +267,10 @@ def test_autocast_samples_in_low_precision_keeps_theta_fp32(device, form):
 
 
 def test_spatial_transformer_regresses_theta_in_float32_under_autocast(device):
-    """Under bfloat16 autocast the module's regression layer computes theta in float32 from the
-    localisation network's (bfloat16) features, as the ops then use it: a bfloat16 theta would be a
-    step of 2**-8 of the output's half-width; the output is sampled in bfloat16."""
+    """Under bfloat16 autocast, and in a bfloat16 model without it, the module's regression layer
+    computes theta in float32 from the localisation network's (bfloat16) features, as the ops then
+    use it: a bfloat16 theta would be a step of 2**-8 of the output's half-width; the output is
+    sampled in bfloat16."""
     loc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 7, 32))
     m = st.SpatialTransformer(loc, size=(4, 5), return_theta=True).to(device)
     x = torch.randn(2, 3, 6, 7, device=device)
@@ -294,6 +295,11 @@ def test_spatial_transformer_regresses_theta_in_float32_under_autocast(device):
         feats = other.localization(x.to(dtype)).to(want)
         torch.testing.assert_close(theta, torch.nn.functional.linear(feats, other.head.weight.to(want),
                                                                      other.head.bias.to(want)))
+    half = m.to(torch.bfloat16)  # without autocast too: a bfloat16 model's theta is float32, its output bfloat16
+    out, theta = half(x.to(torch.bfloat16))
+    assert theta.dtype == torch.float32 and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    feats = half.localization(x.to(torch.bfloat16)).float()
+    torch.testing.assert_close(theta, torch.nn.functional.linear(feats, half.head.weight.float(), half.head.bias.float()))
 
 
 def test_backend_selection(device, monkeypatch):
