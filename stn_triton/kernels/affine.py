@@ -86,7 +86,8 @@ def _bmm_is_affine_grid(theta):
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _cpu_base(size, align_corners):
-    """(1, n + 1, P) float32 CPU base grid of an output ``size`` (``F.affine_grid``'s own values)."""
+    """(1, n + 1, P) float32 CPU base grid of an output ``size`` (``F.affine_grid``'s own values; 16 sizes
+    kept: a 128^3 volume's is 34 MB)."""
     return transforms_registry.base_grid(size, align_corners, torch.float32, "cpu").contiguous()[None]

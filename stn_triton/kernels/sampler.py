@@ -461,7 +461,8 @@ def _scatter_add(ptr, v, m, mask_c, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr,
 @triton.jit
 def _bwd_row(r, h_x, h_y, h_z, go, p_gc, p_x, o_c, ox, dx, mx, wx, ex, oy, dy, my, wy, ey, oz, dz, mz, wz, ez, mask_c,
              NEED_X: tl.constexpr, NEED_G: tl.constexpr, EVEN_C: tl.constexpr, BLOCK_C: tl.constexpr,
-             NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr, FIRST: tl.constexpr, RMW: tl.constexpr):
+             ROWS_SUMMED: tl.constexpr, NT: tl.constexpr, NDIM: tl.constexpr, STATIC: tl.constexpr,
+             FIRST: tl.constexpr, RMW: tl.constexpr):
     """The backward at row ``r`` of the taps (``p_gc``: [1, BC] pointers to the step's channels of image
     n in dL/dU; ``p_x``, ``o_c``: image n of U and the step's channel offsets; ``o*``: U's tap offsets,
     ``d*``: dL/dU's (clamped) ones): dL/dU += dL/dV
@@ -484,14 +485,14 @@ def _bwd_row(r, h_x, h_y, h_z, go, p_gc, p_x, o_c, ox, dx, mx, wx, ex, oy, dy, m
             u = _tap(p_x, o_r, ox[b], m_r, mx[b], o_c, mask_c, STATIC)
             sx += wx[b] * u
             sd += ex[b] * u
-        if BLOCK_C < ROW_SUMS_C:  # dL/dV multiplies the sums once per channel, after the rows (in the kernel)
-            t_d = sd
-            t_x = sx
-        else:  # 8 or more channels a step (half precision, channels-last): each row's weighed by dL/dV and summed
-            # over the vector at once, so the sums are [BP, 1], not one per channel (feat-cl bf16 backward
-            # 72-79 -> 56-64 registers; with 4 float32 channels it trades registers both ways: NOTES.md)
+        if ROWS_SUMMED:  # ROW_SUMS_C or more channels a step (half precision, channels-last): each row's weighed
+            # by dL/dV and summed over the vector at once, so the sums are [BP, 1], not one per channel (feat-cl
+            # bf16 backward 72-79 -> 56-64 registers; with 4 float32 channels it trades registers both ways: NOTES.md)
             t_d = tl.sum(go * sd, axis=1, keep_dims=True)
             t_x = tl.sum(go * sx, axis=1, keep_dims=True)
+        else:  # dL/dV multiplies the sums once per channel, after the rows (in the kernel)
+            t_d = sd
+            t_x = sx
         if FIRST:  # the first of unrolled rows sets the sums (no adding to zeros: fewer instructions)
             h_x = w_r * t_d
             h_y = e_ry * t_x
@@ -573,6 +574,7 @@ def sample_bwd_kernel(
         k = k + K0
     TILE_H: tl.constexpr = BLOCK_P >> LOG2_TW
     NR: tl.constexpr = NT ** (NDIM - 1)  # rows of taps
+    ROWS_SUMMED: tl.constexpr = BLOCK_C >= ROW_SUMS_C  # each row's terms summed over the channels (_bwd_row)
     P = R_OUT * Wo
     nk = n * K + k
     p_prm_nk = p_prm + nk * R
@@ -614,7 +616,7 @@ def sample_bwd_kernel(
                 go = tl.load(p_gon + o_go + (c0 + offs_c) * s_gc, mask=m_go & mask_c, other=0.0).to(tl.float32)
                 p_gc = p_gxn + (c0 + offs_c) * s_dc  # [1, BC] (a stand-in when NEED_X is off)
                 o_c = (c0 + offs_c) * s_xc
-                HW_C: tl.constexpr = BLOCK_C if BLOCK_C < ROW_SUMS_C else 1  # the terms' channels (see _bwd_row)
+                HW_C: tl.constexpr = 1 if ROWS_SUMMED else BLOCK_C  # the terms' channels (see _bwd_row)
                 h_x = tl.zeros([BLOCK_P, HW_C], tl.float32)  # this step's dV/di terms
                 h_y = tl.zeros([BLOCK_P, HW_C], tl.float32)
                 h_z = tl.zeros([BLOCK_P, HW_C], tl.float32)
@@ -622,23 +624,23 @@ def sample_bwd_kernel(
                     for rr in range(0, NT ** (NDIM - 1)):  # a loop: one row's taps at a time (see the module doc)
                         h_x, h_y, h_z = _bwd_row(rr, h_x, h_y, h_z, go, p_gc, p_xn, o_c, ox, dx, mx, wx, ex, oy, dy,
                                                  my, wy, ey, oz, dz, mz, wz, ez, mask_c, NEED_X, NEED_G, EVEN_C,
-                                                 BLOCK_C, NT, NDIM, False, False, CLS > 0)
+                                                 BLOCK_C, ROWS_SUMMED, NT, NDIM, False, False, CLS > 0)
                 else:
                     for rr in tl.static_range(NR):
                         h_x, h_y, h_z = _bwd_row(rr, h_x, h_y, h_z, go, p_gc, p_xn, o_c, ox, dx, mx, wx, ex, oy, dy,
                                                  my, wy, ey, oz, dz, mz, wz, ez, mask_c, NEED_X, NEED_G, EVEN_C,
-                                                 BLOCK_C, NT, NDIM, True, rr == 0, CLS > 0)
+                                                 BLOCK_C, ROWS_SUMMED, NT, NDIM, True, rr == 0, CLS > 0)
                 if NEED_G:
-                    if BLOCK_C < ROW_SUMS_C:
-                        g_ix += tl.sum(go * h_x, axis=1, keep_dims=True)
-                        g_iy += tl.sum(go * h_y, axis=1, keep_dims=True)
-                        if NDIM == 3:
-                            g_iz += tl.sum(go * h_z, axis=1, keep_dims=True)
-                    else:
+                    if ROWS_SUMMED:  # (weighed and summed over the channels row by row already)
                         g_ix += h_x
                         g_iy += h_y
                         if NDIM == 3:
                             g_iz += h_z
+                    else:
+                        g_ix += tl.sum(go * h_x, axis=1, keep_dims=True)
+                        g_iy += tl.sum(go * h_y, axis=1, keep_dims=True)
+                        if NDIM == 3:
+                            g_iz += tl.sum(go * h_z, axis=1, keep_dims=True)
         gg = (tl.where(mask_p, tl.sum(g_ix, axis=1) * di[0], 0.0),  # dL/dg [BP] per axis
               tl.where(mask_p, tl.sum(g_iy, axis=1) * di[1], 0.0),
               tl.where(mask_p, tl.sum(g_iz, axis=1) * di[2], 0.0))
