@@ -57,6 +57,9 @@ class ColocalisationConfig(TaskConfig):
     st_size: int = 24  # the side the window is sampled at: the encoder's input
     learn_scale: bool = False  # the window's scale learnt too (starting at `window`)
     margin: float = 1.0  # of the triplet hinge, for unit-length embeddings (squared distances 0 to 4)
+    # where the hinge's negative window of an image lies: within `negative_reach` half-widths of the crop's own
+    # window each way (clamped to the canvas), or (0) anywhere on the canvas, the paper's "random crop"
+    negative_reach: float = 0.0
     repeats: int = 4  # canvases per training digit per epoch (fresh placements and clutter)
     # the training digits' room to move grows linearly to the whole canvas over the first `curriculum`
     # epochs (from 1/curriculum of it); validation and test always use the whole canvas; 0: none
@@ -84,6 +87,8 @@ class ColocalisationConfig(TaskConfig):
             raise ValueError(f"curriculum: expected a number of epochs >= 0, got {self.curriculum!r}")
         if not (self.margin > 0 and math.isfinite(self.margin)):
             raise ValueError(f"margin: expected a positive number, got {self.margin!r}")
+        if not 0 <= self.negative_reach < math.inf:
+            raise ValueError(f"negative_reach: expected half-widths >= 0 (0: anywhere), got {self.negative_reach!r}")
         if not 0 <= self.encoder_jitter < math.inf:
             raise ValueError(f"encoder_jitter: expected px >= 0, got {self.encoder_jitter!r}")
 
@@ -246,15 +251,22 @@ def train_encoder(digits, seed, cfg):
 
 # --- the loss and the score -----------------------------------------------------------------------------
 
-def triplet_loss(model, encoder, x, rand_u, margin, size):
+def triplet_loss(model, encoder, x, rand_u, margin, size, reach=0.0):
     """The paper's hinge: crops of images n and m (the next in the batch) should be nearer each other
-    than the crop of n is to a random window of n of the crop's size, at ``rand_u`` (B, 2) in [-1, 1]
-    of the room the window has on the canvas."""
+    than the crop of n is to a random window of n of the crop's size. ``rand_u`` (B, 2) in [-1, 1] places
+    that window: with ``reach`` 0 anywhere on the canvas (``rand_u`` times the room the window has), else
+    ``rand_u`` times ``reach`` half-widths from the crop's own window, kept on the canvas."""
     w = model.windows(x)
     crops = model.transformer(x)
     e = encoder.embed(crops)
     s = w[:, :1].detach()
-    r = encoder.embed(crop(x, torch.cat([s, rand_u.to(x.dtype) * (1 - s)], 1), size))
+    u = rand_u.to(x.dtype)
+    if reach > 0:
+        room = (1 - s.abs()).clamp_min(0)
+        where = torch.maximum(torch.minimum(w[:, 1:].detach() + u * s.abs() * reach, room), -room)
+    else:
+        where = u * (1 - s)
+    r = encoder.embed(crop(x, torch.cat([s, where], 1), size))
     d_pos = (e - e.roll(1, 0)).square().sum(1)
     d_neg = (e - r).square().sum(1)
     return F.relu(d_pos + margin - d_neg).mean()
@@ -307,7 +319,7 @@ def train_class(c, seed, encoder, digits, cfg, bar=None):
         model(test_x[:2].to(dev))  # materialise the lazy regression layer
 
     def loss(m, x, u):
-        return triplet_loss(m, encoder, x, u, cfg.margin, cfg.st_size)
+        return triplet_loss(m, encoder, x, u, cfg.margin, cfg.st_size, cfg.negative_reach)
 
     def train_data(epoch):
         x, _, _ = class_canvases("train", digits, c, seed, cfg, epoch)
@@ -354,11 +366,17 @@ def format_table(results, cfg):
     return "\n".join(lines)
 
 
+def _negatives(cfg):
+    return (f"each negative a random window within {cfg.negative_reach:g} half-widths of the crop" if cfg.negative_reach
+            else "each negative a random window anywhere on the canvas")
+
+
 def _table_note(cfg, digits, encoder_errors, seconds):
     how = "learnt, starting at" if cfg.learn_scale else "fixed at"
     return (f"Co-localisation: each test digit placed anywhere on a {cfg.canvas} x {cfg.canvas} canvas with "
             f"{cfg.clutter} pieces of clutter; one transformer per digit class, trained on that class's training "
-            f"canvases with the triplet hinge loss (margin {cfg.margin:g}) and no boxes or labels; window side "
+            f"canvases with the triplet hinge loss (margin {cfg.margin:g}; {_negatives(cfg)}) and no boxes or "
+            f"labels; window side "
             f"{how} {cfg.window * digits.object_scale:g} px. The encoder was trained first as a digit classifier on "
             f"the undistorted training digits (labels used for it only; test error "
             f"{_mean_sd(encoder_errors)}%). Share of test images whose crop overlaps the digit's box (the smallest "
@@ -491,6 +509,9 @@ def arguments(p, d):
     p.add_argument("--learn-scale", action="store_true",
                    help="learn the window's scale too (the attention family), starting at --window")
     p.add_argument("--margin", type=float, default=d.margin, help="the triplet hinge's margin")
+    p.add_argument("--negative-reach", type=float, default=d.negative_reach, metavar="HALF_WIDTHS",
+                   help="the hinge's negative: a random window within this many half-widths of the crop's own "
+                        "window each way; 0: anywhere on the canvas, the paper's random crop")
     p.add_argument("--repeats", type=int, default=d.repeats,
                    help="canvases per training digit per epoch (fresh placements and clutter)")
     p.add_argument("--curriculum", type=int, default=d.curriculum, metavar="EPOCHS",

@@ -279,6 +279,8 @@ NONSENSE = [
     (["--task", "colocalisation", "--clutter", "-1"], "--clutter: expected a number of pieces >= 0, got -1"),
     (["--task", "colocalisation", "--window", "80"], "--canvas and --window: expected a canvas of at least 28 px"),
     (["--task", "colocalisation", "--margin", "inf"], "--margin: expected a positive number, got inf"),
+    (["--task", "colocalisation", "--negative-reach", "-1"],
+     "--negative-reach: expected half-widths >= 0 (0: anywhere), got -1.0"),
     (["--task", "colocalisation", "--repeats", "0"], "--repeats: expected a positive int, got 0"),
     (["--task", "colocalisation", "--encoder-epochs", "0"], "--encoder-epochs: expected a positive int, got 0"),
     (["--task", "3d", "--scale", "0.5", "0.95"], "--scale: expected at most 0.8485"),

@@ -180,6 +180,12 @@ def test_window_family_iou_and_the_loss(digits):
     far.backward()
     assert model.transformer.head.weight.grad is not None and all(p.grad is None for p in enc.parameters()
                                                                   if not p.requires_grad)
+    # negatives near the crop: rand_u 0 puts the negative on the crop itself; a reach past the canvas's edge
+    # is clamped there (the centre window of scale 0.4 has 0.6 of room each way: the corner window above)
+    assert C.triplet_loss(model, enc, x, torch.zeros(4, 2), 1.0, 24, reach=0.5).item() == pytest.approx(1.0, abs=1e-5)
+    near = C.triplet_loss(model, enc, x, torch.ones(4, 2), 1.0, 24, reach=0.5)
+    assert near.item() < 1.0 and near.item() != pytest.approx(far.item())
+    assert C.triplet_loss(model, enc, x, torch.ones(4, 2), 1.0, 24, reach=10.0).item() == pytest.approx(far.item())
 
 
 def test_score_against_known_windows(digits):
