@@ -13,7 +13,9 @@ localisation network predicts from the canvas, sampled at ``st_size`` px. It is 
 paper's triplet hinge loss on the embeddings e of a fixed encoder: for images n and m of the batch
 (m the next image in the shuffled batch) and a random window of image n of the same size,
 
-    max(0, ||e(crop_n) - e(crop_m)||^2 + margin - ||e(crop_n) - e(random window of n)||^2).
+    max(0, ||e(crop_n) - e(crop_m)||^2 + margin - ||e(crop_n) - e(random window of n)||^2)
+
+(with ``negative_reach`` > 0 that random window lies near the crop instead of anywhere on the canvas).
 
 The encoder (:class:`Encoder`) is a small CNN trained first as a digit classifier on the undistorted
 training digits (every class, seen through a window of the same size around the frame's centre,
