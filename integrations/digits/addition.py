@@ -12,6 +12,9 @@ and the label is the sum of the two digits (19 classes, 0 to 18); nothing else i
   (``SpatialTransformer(num_transforms=2)``, one fused launch for both); each warps the whole
   2-channel input, and their two 2-channel outputs, side by side on the channels (4), go to the CNN.
 - ST-CNN-single: one affine transformer warping the 2-channel input, then the CNN.
+- ST-CNN-split: ST-CNN-multi's two transformers, but the CNN's trunk reads each transformer's
+  output on its own and each has a linear layer of its own (:class:`PerTransformer`): digit k's
+  logits come from transformer k's output alone.
 
 Every model ends in the same output layer, :class:`SumOfTwo`: 20 logits read as two digits'
 distributions whose convolution is the sum's (the label is still only the sum). Training follows a
@@ -38,7 +41,7 @@ from .experiment import (Session, TaskConfig, _gen, _mean_sd, _median, _print, _
 from .models import (Baseline, STClassifier, _count, cnn, count_parameters, fcn, localization, matched_width,
                      residual_stage)
 
-MODELS = ("FCN", "CNN", "ST-CNN-single", "ST-CNN-multi")
+MODELS = ("FCN", "CNN", "ST-CNN-single", "ST-CNN-multi", "ST-CNN-split")
 BASELINE = "CNN"  # the model the others are compared with, seed by seed
 DIGITS = 10
 CLASSES = 2 * DIGITS - 1  # sums 0 to 18
@@ -140,6 +143,30 @@ def _classifier(size, channels, norm=False):
     return nn.Sequential(cnn(size, classes=2 * DIGITS, channels=channels, norm=norm), SumOfTwo())
 
 
+class PerTransformer(nn.Module):
+    """The classifier of ST-CNN-split: one CNN trunk applied to each of the K transformers' outputs
+    (the input's K groups of channels), and a linear layer of its own for each, so that transformer
+    k's output alone gives digit k's 10 logits; then :class:`SumOfTwo`. Its parameters are those of
+    ``_classifier(size, channels)`` (a trunk on ``channels``, 2 x 10 outputs)."""
+
+    def __init__(self, size, channels, k=2, norm=False):
+        super().__init__()
+        net = cnn(size, classes=DIGITS * k, channels=channels, norm=norm)
+        self.trunk, last = net[:-1], net[-1]
+        self.k, self.channels = k, channels
+        self.heads = nn.ModuleList(nn.Linear(last.in_features, DIGITS) for _ in range(k))
+        with torch.no_grad():  # the joint layer's seeded init, split by rows
+            for i, h in enumerate(self.heads):
+                h.weight.copy_(last.weight[i * DIGITS:(i + 1) * DIGITS])
+                h.bias.copy_(last.bias[i * DIGITS:(i + 1) * DIGITS])
+        self.sum = SumOfTwo()
+
+    def forward(self, x):
+        n = x.shape[0]
+        feats = self.trunk(x.reshape(n * self.k, self.channels, *x.shape[2:])).view(n, self.k, -1)
+        return self.sum(torch.cat([h(feats[:, i]) for i, h in enumerate(self.heads)], 1))
+
+
 def _st_count(side, size, num_transforms, norm=False):
     """Parameters of an ST-CNN with ``num_transforms`` affine transformers (lazy layers not yet made)."""
     return (_count(localization("CNN", side, CHANNELS)) + 33 * 6 * num_transforms
@@ -160,11 +187,13 @@ def build(name, side, st_size=28, norm=False):
                               lambda w: residual_stage("CNN", st_size, w, CHANNELS))
         return Baseline(st_size, residual_stage("CNN", st_size, width, CHANNELS),
                         _classifier(st_size, CHANNELS, norm))
-    k = {"ST-CNN-single": 1, "ST-CNN-multi": 2}.get(name)
+    k = {"ST-CNN-single": 1, "ST-CNN-multi": 2, "ST-CNN-split": 2}.get(name)
     if k is None:
         raise ValueError(f"model: expected one of {', '.join(MODELS)}, got {name!r}")
     transformer = st.SpatialTransformer(localization("CNN", side, CHANNELS), transform="affine",
                                         size=(st_size, st_size), num_transforms=k)
+    if name == "ST-CNN-split":
+        return STClassifier(transformer, PerTransformer(st_size, CHANNELS, k, norm))
     return STClassifier(transformer, _classifier(st_size, CHANNELS * k, norm))
 
 

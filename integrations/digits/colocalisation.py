@@ -11,7 +11,8 @@ The model, one per class: a spatial transformer of the attention family that cro
 (side ``window`` px of the canvas, fixed; or a learnt scale starting there) at a position its
 localisation network predicts from the canvas, sampled at ``st_size`` px. It is trained with the
 paper's triplet hinge loss on the embeddings e of a fixed encoder: for images n and m of the batch
-(m the next image in the shuffled batch) and a random window of image n of the same size,
+(m the next image in the shuffled batch, or with ``positives="all"`` every other image of the batch, the
+paper's sum over m != n) and a random window of image n of the same size,
 
     max(0, ||e(crop_n) - e(crop_m)||^2 + margin - ||e(crop_n) - e(random window of n)||^2)
 
@@ -19,7 +20,8 @@ paper's triplet hinge loss on the embeddings e of a fixed encoder: for images n 
 
 The encoder (:class:`Encoder`) is a small CNN trained first as a digit classifier on the undistorted
 training digits (every class, seen through a window of the same size around the frame's centre,
-jittered by a few pixels): its training uses the digits' labels, the co-localisation training none.
+jittered by a few pixels; with ``encoder_clutter`` cut from cluttered canvases instead, the digit at
+their centre): its training uses the digits' labels, the co-localisation training none.
 Its embedding is its hidden layer, normalised to unit length.
 
 Scored on the test images of each class: the share whose crop overlaps the digit's box with IoU >
@@ -44,6 +46,7 @@ from .experiment import (DataError, Session, TaskConfig, _gen, _mean_sd, _print,
 from .models import cnn, count_parameters, localization
 
 CLASSES = tuple(range(10))
+POSITIVES = ("next", "all")
 INK = 0.2  # a pixel of a digit with more than this is ink (the box holds every such pixel)
 
 
@@ -62,12 +65,18 @@ class ColocalisationConfig(TaskConfig):
     # where the hinge's negative window of an image lies: within `negative_reach` half-widths of the crop's own
     # window each way (clamped to the canvas), or (0) anywhere on the canvas, the paper's "random crop"
     negative_reach: float = 0.0
+    # whose crop each image's crop should be near: "next" (the next image in the shuffled batch) or "all"
+    # (every other image in the batch, the paper's sum over m != n)
+    positives: str = "next"
     repeats: int = 4  # canvases per training digit per epoch (fresh placements and clutter)
     # the training digits' room to move grows linearly to the whole canvas over the first `curriculum`
     # epochs (from 1/curriculum of it); validation and test always use the whole canvas; 0: none
     curriculum: int = 20
     encoder_epochs: int = 10
     encoder_jitter: float = 4.0  # px: the encoder's training windows move by up to this
+    # the encoder's training windows cut from cluttered canvases (the digit at the centre, clutter as the
+    # transformers' canvases have it) instead of from the bare digits
+    encoder_clutter: bool = False
     random_draws: int = 100  # random windows per test image for the baseline
     out: str = "runs/digits-colocalisation"
     figure_count: int = 8
@@ -91,6 +100,8 @@ class ColocalisationConfig(TaskConfig):
             raise ValueError(f"margin: expected a positive number, got {self.margin!r}")
         if not 0 <= self.negative_reach < math.inf:
             raise ValueError(f"negative_reach: expected half-widths >= 0 (0: anywhere), got {self.negative_reach!r}")
+        if self.positives not in POSITIVES:
+            raise ValueError(f"positives: expected one of {', '.join(POSITIVES)}, got {self.positives!r}")
         if not 0 <= self.encoder_jitter < math.inf:
             raise ValueError(f"encoder_jitter: expected px >= 0, got {self.encoder_jitter!r}")
 
@@ -223,13 +234,19 @@ class Encoder(nn.Module):
         return self.net(x)
 
 
-def encoder_views(digits, gen, cfg, jitter):
+def encoder_views(digits, gen, cfg, jitter, clutter_from=None, object_scale=1.0):
     """The digits seen as the encoder sees a window on them: the frame's central ``cfg.window`` px
     (the window on the canvas covers that much of the frame at every object scale), sampled at
-    ``cfg.st_size``, moved by up to ``jitter`` px each way."""
+    ``cfg.st_size``, moved by up to ``jitter`` px each way. With ``clutter_from`` (digits), each digit
+    is first put at the centre of a canvas with ``cfg.clutter`` pieces of those, and the window cut
+    from there."""
     n = digits.shape[0]
-    s = torch.full((n, 1), cfg.window / FRAME)
-    t = (2 * torch.rand(n, 2, generator=gen) - 1) * (2 * jitter / FRAME)
+    side = FRAME
+    if clutter_from is not None:
+        digits = make_canvases(digits, gen, cfg.canvas, cfg.clutter, clutter_from, object_scale, translate=0.0)[0]
+        side = cfg.canvas / object_scale
+    s = torch.full((n, 1), cfg.window / side)
+    t = (2 * torch.rand(n, 2, generator=gen) - 1) * (2 * jitter / side)
     return crop(digits, torch.cat([s, t], 1), cfg.st_size)
 
 
@@ -242,7 +259,8 @@ def train_encoder(digits, seed, cfg):
     enc = Encoder(cfg.st_size, digits.num_classes).to(dev)
 
     def train_data(epoch):
-        x = encoder_views(digits.train_x, _gen("encoder", seed, epoch), cfg, cfg.encoder_jitter)
+        x = encoder_views(digits.train_x, _gen("encoder", seed, epoch), cfg, cfg.encoder_jitter,
+                          digits.train_x if cfg.encoder_clutter else None, digits.object_scale)
         return x.to(dev), digits.train_y.to(dev)
 
     fit(enc, replace(cfg, epochs=cfg.encoder_epochs, keep="last"), train_data, ("encoder", seed))
@@ -253,11 +271,12 @@ def train_encoder(digits, seed, cfg):
 
 # --- the loss and the score -----------------------------------------------------------------------------
 
-def triplet_loss(model, encoder, x, rand_u, margin, size, reach=0.0):
+def triplet_loss(model, encoder, x, rand_u, margin, size, reach=0.0, positives="next"):
     """The paper's hinge: crops of images n and m (the next in the batch) should be nearer each other
     than the crop of n is to a random window of n of the crop's size. ``rand_u`` (B, 2) in [-1, 1] places
     that window: with ``reach`` 0 anywhere on the canvas (``rand_u`` times the room the window has), else
-    ``rand_u`` times ``reach`` half-widths from the crop's own window, kept on the canvas."""
+    ``rand_u`` times ``reach`` half-widths from the crop's own window, kept on the canvas. ``positives``
+    "all": a hinge for every pair n != m of the batch (the paper's double sum), averaged."""
     w = model.windows(x)
     crops = model.transformer(x)
     e = encoder.embed(crops)
@@ -269,9 +288,13 @@ def triplet_loss(model, encoder, x, rand_u, margin, size, reach=0.0):
     else:
         where = u * (1 - s)
     r = encoder.embed(crop(x, torch.cat([s, where], 1), size))
-    d_pos = (e - e.roll(1, 0)).square().sum(1)
     d_neg = (e - r).square().sum(1)
-    return F.relu(d_pos + margin - d_neg).mean()
+    if positives == "next":
+        d_pos = (e - e.roll(1, 0)).square().sum(1)
+        return F.relu(d_pos + margin - d_neg).mean()
+    d_pos = (e[:, None] - e[None]).square().sum(2)  # (B, B): row n, column m
+    other = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+    return F.relu(d_pos + margin - d_neg[:, None])[other].mean()
 
 
 def window_boxes(windows, canvas):
@@ -321,7 +344,7 @@ def train_class(c, seed, encoder, digits, cfg, bar=None):
         model(test_x[:2].to(dev))  # materialise the lazy regression layer
 
     def loss(m, x, u):
-        return triplet_loss(m, encoder, x, u, cfg.margin, cfg.st_size, cfg.negative_reach)
+        return triplet_loss(m, encoder, x, u, cfg.margin, cfg.st_size, cfg.negative_reach, cfg.positives)
 
     def train_data(epoch):
         x, _, _ = class_canvases("train", digits, c, seed, cfg, epoch)
@@ -369,8 +392,10 @@ def format_table(results, cfg):
 
 
 def _negatives(cfg):
-    return (f"each negative a random window within {cfg.negative_reach:g} half-widths of the crop" if cfg.negative_reach
-            else "each negative a random window anywhere on the canvas")
+    pairs = ("each crop against every other crop of its batch" if cfg.positives == "all"
+             else "each crop against the next in its batch")
+    return pairs + "; " + (f"each negative a random window within {cfg.negative_reach:g} half-widths of the crop"
+                           if cfg.negative_reach else "each negative a random window anywhere on the canvas")
 
 
 def _table_note(cfg, digits, encoder_errors, seconds):
@@ -380,7 +405,8 @@ def _table_note(cfg, digits, encoder_errors, seconds):
             f"canvases with the triplet hinge loss (margin {cfg.margin:g}; {_negatives(cfg)}) and no boxes or "
             f"labels; window side "
             f"{how} {cfg.window * digits.object_scale:g} px. The encoder was trained first as a digit classifier on "
-            f"the undistorted training digits (labels used for it only; test error "
+            f"the undistorted training digits{' among clutter' if cfg.encoder_clutter else ''} (labels used for it "
+            f"only; test error "
             f"{_mean_sd(encoder_errors)}%). Share of test images whose crop overlaps the digit's box (the smallest "
             f"square around its ink, known from the generator) with IoU > 0.5, mean ± sd over seeds "
             f"{list(cfg.seeds)}; random: windows of the same size placed uniformly ({cfg.random_draws} per image); "
@@ -514,6 +540,9 @@ def arguments(p, d):
     p.add_argument("--negative-reach", type=float, default=d.negative_reach, metavar="HALF_WIDTHS",
                    help="the hinge's negative: a random window within this many half-widths of the crop's own "
                         "window each way; 0: anywhere on the canvas, the paper's random crop")
+    p.add_argument("--positives", choices=POSITIVES, default=d.positives,
+                   help="whose crop each image's crop is pulled towards: next (the next image in the shuffled "
+                        "batch) or all (every other image in the batch, the paper's sum over m != n)")
     p.add_argument("--repeats", type=int, default=d.repeats,
                    help="canvases per training digit per epoch (fresh placements and clutter)")
     p.add_argument("--curriculum", type=int, default=d.curriculum, metavar="EPOCHS",
@@ -521,3 +550,7 @@ def arguments(p, d):
                         "epochs; 0: none")
     p.add_argument("--encoder-epochs", type=int, default=d.encoder_epochs,
                    help="epochs of the encoder's training as a digit classifier")
+    p.add_argument("--encoder-clutter", action="store_true",
+                   help="train the encoder on windows cut from cluttered canvases (the digit at the centre)")
+    p.add_argument("--encoder-jitter", type=float, default=d.encoder_jitter, metavar="PX",
+                   help="the encoder's training windows move by up to this many px each way")

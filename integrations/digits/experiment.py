@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 import stn_triton as st
+from transforms_registry.base import base_grid
 
 from . import data as D
 from .distortions import DISTORTIONS, FULL_ANGLE, RTS_SCALE, distort, object_scale_for
@@ -401,21 +402,29 @@ def rotation_angle(a):
 
 def affine_theta(model, x, batch_size=512):
     """The affine parameters (N, 2, 3) that ``model.transformer`` predicts for images ``x``:
-    output -> input coordinates, normalised."""
+    output -> input coordinates, normalised. For another 2-D family (projective, TPS) the affine map
+    nearest its sampling grid (least squares over the output's pixel centres)."""
     tr = model.transformer
-    if tr.family.name != "affine":
-        raise ValueError(f"rotation_report: needs an affine transformer, got family {tr.family.name!r}")
+    if tr.family.name != "affine" and (getattr(tr.family, "ndim", 2) != 2 or tr.num_transforms != 1):
+        raise ValueError(f"rotation_report: needs an affine transformer or one other 2-D transformer, got "
+                         f"family {tr.family.name!r} x {tr.num_transforms}")
     was = model.training
     model.eval()
     with torch.no_grad():
         theta = torch.cat([tr.head(tr.localization(x[i:i + batch_size]).flatten(1))
                            for i in range(0, x.shape[0], batch_size)])
+        if tr.family.name != "affine":
+            size = tuple(tr.size) if tr.size is not None else tuple(x.shape[-2:])
+            grid = tr.family.grid(theta, size, tr.align_corners).double().flatten(1, 2).cpu()  # (N, P, 2)
+            base = base_grid(size, tr.align_corners, torch.float64).T  # (P, 3): x, y, 1
+            theta = torch.linalg.lstsq(base.expand(grid.shape[0], -1, -1), grid).solution.transpose(1, 2)
     model.train(was)
     return theta.double().view(-1, 2, 3).cpu()
 
 
 def rotation_report(model, x, applied_angles_rad, per_sample=False, bin_deg=15.0, applied_shift=None):
-    """How much of the rotation applied to images ``x`` the affine transformer of ``model`` undoes.
+    """How much of the rotation applied to images ``x`` the transformer of ``model`` undoes (affine; or
+    another family's nearest affine map, see :func:`affine_theta`).
 
     ``applied_angles_rad`` (N,): the rotation each image's digit was given (as ``distort(...,
     return_params=True)`` reports it: the canvas -> digit map is ``rot_inv = [[c, s], [-s, c]]``).
@@ -730,6 +739,9 @@ def _table_note(cfg, digits, epochs, seconds):
         note += (" Residual rotation: the median over the test images of the rotation left in the affine "
                  "transformer's output (degrees, mean ± sd over seeds) and the slope of the rotation it undoes "
                  "against the one applied (1: all undone, 0: none); 'none': the rotation left with no transformer.")
+        if any(not m.endswith("-aff") and m.startswith("ST-") for m in cfg.models):
+            note += (" A projective or TPS transformer is measured by the affine map nearest its sampling grid "
+                     "(least squares).")
     return note
 
 
@@ -1019,7 +1031,7 @@ def _classify_job(cfg, job, bar=None):
          "threads": torch.get_num_threads(),  # (a run's last digits can depend on them)
          "precision": cfg.compute_precision()}
     if d in ROTATING:
-        if hasattr(t.model, "transformer") and t.model.transformer.family.name == "affine":
+        if hasattr(t.model, "transformer"):
             r["rotation"] = rotation_report(t.model, t.test_x, t.test_params["angle"],
                                             applied_shift=t.test_params.get("shift"))
         else:

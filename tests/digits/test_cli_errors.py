@@ -283,6 +283,8 @@ NONSENSE = [
      "--negative-reach: expected half-widths >= 0 (0: anywhere), got -1.0"),
     (["--task", "colocalisation", "--repeats", "0"], "--repeats: expected a positive int, got 0"),
     (["--task", "colocalisation", "--encoder-epochs", "0"], "--encoder-epochs: expected a positive int, got 0"),
+    (["--task", "colocalisation", "--encoder-jitter", "-1"], "--encoder-jitter: expected px >= 0, got -1.0"),
+    (["--task", "colocalisation", "--positives", "some"], "argument --positives: invalid choice: 'some' (choose from 'next', 'all')"),
     (["--task", "3d", "--scale", "0.5", "0.95"], "--scale: expected at most 0.8485"),
     (["--task", "3d", "--max-tilt", "100"], "--max-tilt: expected degrees in [0, 90], got 100.0"),
     (["--task", "3d", "--translate", "nan"], "--translate: expected a share in [0, 1], got nan"),

@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+import stn_triton as st
+
 from stn_triton.integrations.digits import data as D
 from stn_triton.integrations.digits import load_model, rotation_report
 from stn_triton.integrations.digits.distortions import FULL_ANGLE, canvas_size, distort, object_scale_for
@@ -107,11 +109,41 @@ def test_an_undoing_transformer_really_makes_the_digits_upright(reference, digit
     assert outs[1.0] < 0.25 * outs[0.0] and outs[-1.0] > outs[0.0]
 
 
-def test_rotation_report_needs_an_affine_transformer_and_matching_angles():
-    with pytest.raises(ValueError, match="needs an affine transformer, got family 'projective'"):
-        rotation_report(build("ST-CNN-proj", 28), torch.zeros(2, 1, 28, 28), torch.zeros(2))
+@pytest.mark.parametrize("name", ["ST-CNN-proj", "ST-CNN-tps"])
+def test_rotation_report_reads_another_family_through_its_nearest_affine_map(name):
+    """A projective or TPS transformer set to an affine map (the spline's control points moved by it)
+    is measured as that affine map; a bent one by the affine map nearest its grid."""
+    a, zoom, shift = 0.5, 0.8, torch.tensor([0.1, -0.2])
+    rot = zoom * torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    model = build(name, 28)
+    tr = model.transformer
+    model(torch.zeros(1, 1, 28, 28))  # materialise the lazy layer
+    if name == "ST-CNN-proj":
+        theta = torch.cat([torch.cat([rot, shift[:, None]], 1).flatten(), torch.zeros(2)])
+    else:
+        theta = (tr.family.identity().view(-1, 2) @ rot.T + shift).flatten()
+    with torch.no_grad():
+        tr.head.weight.zero_()
+        tr.head.bias.copy_(theta)
+    angles = torch.full((3,), a, dtype=torch.float64)
+    r = rotation_report(model, torch.rand(3, 1, 28, 28), angles)
+    assert r["median_residual_deg"] == pytest.approx(0.0, abs=1e-3)
+    assert r["scale_mean"] == pytest.approx(zoom, abs=1e-4)
+    assert r["translation_mean"] == pytest.approx(shift.tolist(), abs=1e-4)
+    if name == "ST-CNN-tps":  # bent: one control point moved; still near the rotation, no longer exactly it
+        with torch.no_grad():
+            tr.head.bias[0] += 0.3
+        bent = rotation_report(model, torch.rand(3, 1, 28, 28), angles)["median_residual_deg"]
+        assert 0.05 < bent < 10
+
+
+def test_rotation_report_needs_matching_angles_and_one_2d_transformer():
     with pytest.raises(ValueError, match="3 images but 2 angles"):
         rotation_report(hand_set(), torch.zeros(3, 1, 28, 28), torch.zeros(2))
+    model = torch.nn.Module()
+    model.transformer = st.SpatialTransformer(nn.Flatten(), "tps", size=(8, 8), num_transforms=2)
+    with pytest.raises(ValueError, match="needs an affine transformer or one other 2-D transformer"):
+        rotation_report(model, torch.zeros(2, 1, 28, 28), torch.zeros(2))
 
 
 # --- the paper's comparisons ----------------------------------------------------------------------------

@@ -81,7 +81,16 @@ def test_addition_models(reference, name):
     assert all(p.grad is not None for p in model.parameters())
     if name == "ST-CNN-multi":
         assert model.transformer.num_transforms == 2 and model.front(x).shape == (3, 4, 28, 28)
-    counts = {m: A.count_parameters(built(m)) for m in ("FCN", "CNN", "ST-CNN-multi")}
+    if name == "ST-CNN-split":  # each transformer's output alone gives its digit's logits
+        clf = model.classifier
+        front = model.front(x).detach()
+        moved = front.clone()
+        moved[:, 2:] = torch.rand_like(moved[:, 2:])  # the second transformer's output changed
+        clf.sum = torch.nn.Identity()  # the two digits' raw logits (N, 20)
+        before, after = clf(front), clf(moved)
+        torch.testing.assert_close(after[:, :10], before[:, :10])
+        assert (after[:, 10:] - before[:, 10:]).abs().min() > 0
+    counts = {m: A.count_parameters(built(m)) for m in ("FCN", "CNN", "ST-CNN-multi", "ST-CNN-split")}
     assert max(counts.values()) < 1.1 * min(counts.values())  # comparable counts
 
 
@@ -151,6 +160,20 @@ def test_colocalisation_class_splits(digits):
     assert shift.abs().max() <= (1 - 28 / 60) / 5 + 1e-9
 
 
+def test_encoder_views_bare_and_cluttered(digits):
+    """The encoder's windows cut from a cluttered canvas hold the bare window's digit where the bare
+    one has it (clutter only adds ink), and with no clutter are the bare window itself."""
+    x = digits.train_x[:32]
+    bare = C.encoder_views(x, torch.Generator().manual_seed(0), C.ColocalisationConfig(), 0.0)
+    for clutter in (0, 6):
+        cfg = C.ColocalisationConfig(clutter=clutter)
+        views = C.encoder_views(x, torch.Generator().manual_seed(0), cfg, 0.0, digits.train_x)
+        assert views.shape == bare.shape == (32, 1, 24, 24)
+        assert (views - bare).min() > -1e-5
+        changed = ((views - bare).abs() > 1e-3).flatten(1).any(1).float().mean()
+        assert changed == 0 if clutter == 0 else changed > 0.5
+
+
 def test_window_family_iou_and_the_loss(digits):
     fam = C.Window(0.4)
     theta = torch.tensor([[0.1, -0.2]])
@@ -186,6 +209,18 @@ def test_window_family_iou_and_the_loss(digits):
     near = C.triplet_loss(model, enc, x, torch.ones(4, 2), 1.0, 24, reach=0.5)
     assert near.item() < 1.0 and near.item() != pytest.approx(far.item())
     assert C.triplet_loss(model, enc, x, torch.ones(4, 2), 1.0, 24, reach=10.0).item() == pytest.approx(far.item())
+    # the paper's double sum: a hinge for every ordered pair n != m, against n's own negative
+    y = torch.rand(5, 1, 60, 60)
+    u = 2 * torch.rand(5, 2) - 1
+    e = enc.embed(model(y))
+    r = enc.embed(C.crop(y, torch.cat([torch.full((5, 1), 0.4), u * 0.6], 1), 24))
+    d_neg = (e - r).square().sum(1)
+    pairs = [max(0.0, (e[n] - e[m]).square().sum().item() + 1.0 - d_neg[n].item())
+             for n in range(5) for m in range(5) if m != n]
+    every = C.triplet_loss(model, enc, y, u, 1.0, 24, positives="all")
+    assert every.item() == pytest.approx(sum(pairs) / 20, rel=1e-5)
+    nxt = [max(0.0, (e[n] - e[n - 1]).square().sum().item() + 1.0 - d_neg[n].item()) for n in range(5)]
+    assert C.triplet_loss(model, enc, y, u, 1.0, 24).item() == pytest.approx(sum(nxt) / 5, rel=1e-5)
 
 
 def test_score_against_known_windows(digits):
