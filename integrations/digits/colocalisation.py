@@ -16,7 +16,8 @@ paper's sum over m != n) and a random window of image n of the same size,
 
     max(0, ||e(crop_n) - e(crop_m)||^2 + margin - ||e(crop_n) - e(random window of n)||^2)
 
-(with ``negative_reach`` > 0 that random window lies near the crop instead of anywhere on the canvas).
+(with ``negative_reach`` > 0, 0.5 by default, that random window lies near the crop instead of anywhere
+on the canvas, the paper's random crop).
 
 The encoder (:class:`Encoder`) is a small CNN trained first as a digit classifier on the undistorted
 training digits (every class, seen through a window of the same size around the frame's centre,
@@ -28,6 +29,7 @@ Scored on the test images of each class: the share whose crop overlaps the digit
 0.5, against random windows of the same size (the mean share over ``random_draws`` draws per image).
 """
 
+import argparse
 import math
 import statistics
 from dataclasses import dataclass, replace
@@ -64,11 +66,11 @@ class ColocalisationConfig(TaskConfig):
     margin: float = 1.0  # of the triplet hinge, for unit-length embeddings (squared distances 0 to 4)
     # where the hinge's negative window of an image lies: within `negative_reach` half-widths of the crop's own
     # window each way (clamped to the canvas), or (0) anywhere on the canvas, the paper's "random crop"
-    negative_reach: float = 0.0
+    negative_reach: float = 0.5
     # whose crop each image's crop should be near: "next" (the next image in the shuffled batch) or "all"
     # (every other image in the batch, the paper's sum over m != n)
     positives: str = "next"
-    repeats: int = 4  # canvases per training digit per epoch (fresh placements and clutter)
+    repeats: int = 8  # canvases per training digit per epoch (fresh placements and clutter)
     # the training digits' room to move grows linearly to the whole canvas over the first `curriculum`
     # epochs (from 1/curriculum of it); validation and test always use the whole canvas; 0: none
     curriculum: int = 20
@@ -76,7 +78,7 @@ class ColocalisationConfig(TaskConfig):
     encoder_jitter: float = 4.0  # px: the encoder's training windows move by up to this
     # the encoder's training windows cut from cluttered canvases (the digit at the centre, clutter as the
     # transformers' canvases have it) instead of from the bare digits
-    encoder_clutter: bool = False
+    encoder_clutter: bool = True
     random_draws: int = 100  # random windows per test image for the baseline
     out: str = "runs/digits-colocalisation"
     figure_count: int = 8
@@ -523,7 +525,8 @@ def run(cfg, log=_print):
 
 # --- the command line ----------------------------------------------------------------------------------
 
-PAPER = dict(seeds=(0, 1, 2), epochs=50, repeats=1, canvas=84, clutter=16, batch_size=256, lr=1e-3)
+PAPER = dict(seeds=(0, 1, 2), epochs=50, repeats=1, canvas=84, clutter=16, batch_size=256, lr=1e-3,
+             negative_reach=0.0)
 
 
 def arguments(p, d):
@@ -550,7 +553,8 @@ def arguments(p, d):
                         "epochs; 0: none")
     p.add_argument("--encoder-epochs", type=int, default=d.encoder_epochs,
                    help="epochs of the encoder's training as a digit classifier")
-    p.add_argument("--encoder-clutter", action="store_true",
-                   help="train the encoder on windows cut from cluttered canvases (the digit at the centre)")
+    p.add_argument("--encoder-clutter", action=argparse.BooleanOptionalAction, default=d.encoder_clutter,
+                   help="train the encoder on windows cut from cluttered canvases (the digit at the centre); "
+                        "--no-encoder-clutter: from the bare digits")
     p.add_argument("--encoder-jitter", type=float, default=d.encoder_jitter, metavar="PX",
                    help="the encoder's training windows move by up to this many px each way")
