@@ -405,7 +405,7 @@ def affine_theta(model, x, batch_size=512):
     output -> input coordinates, normalised. For another 2-D family (projective, TPS) the affine map
     nearest its sampling grid (least squares over the output's pixel centres)."""
     tr = model.transformer
-    if tr.family.name != "affine" and (getattr(tr.family, "ndim", 2) != 2 or tr.num_transforms != 1):
+    if tr.family.name != "affine" and (tr.family.ndim != 2 or tr.num_transforms != 1):
         raise ValueError(f"rotation_report: needs an affine transformer or one other 2-D transformer, got "
                          f"family {tr.family.name!r} x {tr.num_transforms}")
     was = model.training
