@@ -49,13 +49,18 @@ def _classify_arguments(p, d):
                    help=f"models, of {', '.join(MODELS)}")
     p.add_argument("--curriculum", type=int, default=d.curriculum, metavar="EPOCHS",
                    help="R and RTS: the training rotation grows linearly to its full angle over the first EPOCHS "
-                        "epochs (the same images for every model; validation and test use the full angle); 0: none")
+                        "epochs (the same images for every model, but RTS's transformer models under "
+                        "--pose-curriculum; validation and test use the full angle); 0: none")
     p.add_argument("--pose-curriculum", nargs=2, type=int, default=list(d.pose_curriculum) or None,
                    metavar=("HOLD", "END"),
-                   help="RTS: centred, unscaled training digits rotated by up to 6 growing to 90 degrees until "
-                        "epoch HOLD, then RTS's translation, scale and rotation by epoch END, with the localisation "
-                        f"networks at {POSE_LR_SCALE:g}x the rate (e.g. 15 25; default: none, RTS's angle follows "
-                        "--curriculum)")
+                   help="RTS, the transformer models: centred training digits filling the canvas, rotated by up "
+                        "to 6 growing to 90 degrees until epoch HOLD, then RTS's translation, scale and rotation "
+                        f"by epoch END, with the localisation networks at {POSE_LR_SCALE:g}x the rate (default: "
+                        f"{' '.join(map(str, d.pose_curriculum)) or 'none'}; the baselines train on RTS's images "
+                        "under --curriculum)")
+    p.add_argument("--no-pose-curriculum", dest="pose_curriculum", action="store_const", const=[],
+                   help="RTS: no pose curriculum (the transformer models' angle follows --curriculum, as the "
+                        "baselines' does)")
     p.add_argument("--save-models", action="store_true",
                    help="write every trained model to OUT/models/DISTORTION-MODEL-seedS.pt "
                         "(stn_triton.integrations.digits.load_model reads them)")

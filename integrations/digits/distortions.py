@@ -47,6 +47,7 @@ from .data import FRAME
 DISTORTIONS = ("R", "RTS", "P", "E", "TC")
 FULL_ANGLE = {"R": 90.0, "RTS": 45.0}  # the paper's largest rotation (degrees) of R and RTS
 RTS_SCALE = (0.7, 1.2)  # the range of RTS's scale factors
+RTS_CANVAS = 1.5  # RTS's canvas side over the digit's frame (42 px for 28)
 
 
 def _uniform(gen, n, lo, hi):
@@ -73,7 +74,7 @@ def rotate(digits, gen, max_angle=FULL_ANGLE["R"], object_scale=1.0):
     return out, {"angle": angle, "theta": theta}
 
 
-def rotate_translate_scale(digits, gen, max_angle=FULL_ANGLE["RTS"], scale=RTS_SCALE, canvas_factor=1.5,
+def rotate_translate_scale(digits, gen, max_angle=FULL_ANGLE["RTS"], scale=RTS_SCALE, canvas_factor=RTS_CANVAS,
                            translate=True, object_scale=1.0):
     n = digits.shape[0]
     canvas = int(round(FRAME * canvas_factor))

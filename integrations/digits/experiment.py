@@ -4,7 +4,8 @@ draw it.
 
 Training distortions are drawn afresh every epoch (their options may follow a per-epoch schedule,
 :meth:`Config.train_options`); validation and test distortions are fixed by the seed. Every model
-of one (distortion, seed) sees exactly the same images in the same order. A validation split
+of one (distortion, seed) sees exactly the same images in the same order, except under RTS's pose
+curriculum (``Config.pose_curriculum``), which only the transformer models follow. A validation split
 (``val_fraction`` of the training set, the same for every seed) is held out for whatever is chosen
 during training (``keep="best"``: the epoch whose weights are tested); the test set gives only the
 final numbers.
@@ -39,7 +40,7 @@ import stn_triton as st
 from transforms_registry.base import base_grid
 
 from . import data as D
-from .distortions import DISTORTIONS, FULL_ANGLE, RTS_SCALE, distort, object_scale_for
+from .distortions import DISTORTIONS, FULL_ANGLE, RTS_CANVAS, RTS_SCALE, distort, object_scale_for
 from .models import MODELS, base_model, build, count_parameters, save_model
 
 OPTIMIZERS = ("adam", "sgd")
@@ -213,14 +214,15 @@ class Config(TaskConfig):
     # angle in the first epoch to the full angle in epoch `curriculum` (1-based), then stays; 0: none.
     # The same images for every model; validation and test always use the full angle.
     curriculum: int = 15
-    # RTS's pose curriculum, (hold, end) epochs, or () for none (RTS's angle then follows `curriculum`):
-    # until epoch `hold` the training digits are centred and unscaled while their largest rotation grows
-    # from 6 to 90 degrees (R's range); from `hold` to `end`, translation, scale and rotation move
-    # linearly to RTS's own (validation and test always use them); and RTS's localisation networks learn
-    # at POSE_LR_SCALE times the rate `localization_lr_scale` gives. In float32 (15, 25) left less rotation
-    # in the transformer's output than the default on every seed tried, in bfloat16 on five of six, at a
-    # slightly higher error (README: the search); off by default for that error.
-    pose_curriculum: tuple = ()
+    # RTS's pose curriculum, (hold, end) epochs, or () for none (RTS's angle then follows `curriculum`),
+    # for the transformer models only: until epoch `hold` the training digits are centred and fill the
+    # canvas as R's fill theirs (scale RTS_CANVAS) while their largest rotation grows from 6 to 90 degrees
+    # (R's range); from `hold` to `end`, translation, scale and rotation move linearly to RTS's own
+    # (validation and test always use them); and RTS's localisation networks learn at POSE_LR_SCALE times
+    # the rate `localization_lr_scale` gives. The baselines train on RTS's images under `curriculum` (on
+    # the pose curriculum's the CNN erred more: README). With it the affine transformer undoes RTS's
+    # rotation on every seed tried, without it on few (README: the search).
+    pose_curriculum: tuple = (8, 16)
     save_models: bool = False  # every trained model under <out>/models/
     distortion_options: dict = field(default_factory=dict)  # {"RTS": {"max_angle": 30}, ...}
     # per-epoch schedule of training-distortion options, e.g. {"R": {"max_angle": [[0, 20], [10, 90]]}}:
@@ -270,6 +272,11 @@ class Config(TaskConfig):
             opts[name] = _interpolate(knots, epoch)
         return opts
 
+    def for_model(self, model_name):
+        """This configuration as model ``model_name`` trains under it: a baseline (a model without a
+        transformer) without the pose curriculum."""
+        return replace(self, pose_curriculum=()) if base_model(model_name) == model_name else self
+
     def localization_lr_scale_for(self, distortion):
         """The localisation networks' rate factor on ``distortion`` (see ``pose_curriculum``)."""
         boost = POSE_LR_SCALE if distortion == "RTS" and self.pose_curriculum else 1.0
@@ -280,14 +287,17 @@ POSE_LR_SCALE = 3.0  # RTS's localisation rate under the pose curriculum, times 
 
 
 def pose_schedule(hold, end, options):
-    """RTS's pose curriculum as ``distortion_schedule`` knots: centred, unscaled digits rotated by up to
-    6 growing to 90 degrees until epoch ``hold``; then, by epoch ``end``, RTS's translation, scale range
-    and largest rotation (``options``' or the defaults)."""
+    """RTS's pose curriculum as ``distortion_schedule`` knots: centred digits filling the canvas (scale
+    ``canvas_factor``, as R's digits fill theirs), rotated by up to 6 growing to 90 degrees, until epoch
+    ``hold``; then, by epoch ``end``, RTS's translation, scale range and largest rotation (``options``'
+    or the defaults). The localisation network pools the canvas to 3 x 3 cells: a digit filling it
+    spans them all, so its orientation reaches the network; one of RTS's size mostly fills one cell."""
     full_angle = options.get("max_angle", FULL_ANGLE["RTS"])
     scale = list(options.get("scale", RTS_SCALE))
     translate = float(options.get("translate", True))
+    fill = float(options.get("canvas_factor", RTS_CANVAS))
     return {"translate": [[0, 0.0], [hold, 0.0], [end, translate]],
-            "scale": [[0, [1.0, 1.0]], [hold, [1.0, 1.0]], [end, scale]],
+            "scale": [[0, [fill, fill]], [hold, [fill, fill]], [end, scale]],
             "max_angle": [[0, 6.0], [hold, FULL_ANGLE["R"]], [end, full_angle]]}
 
 
@@ -594,6 +604,7 @@ def train_one(model_name, distortion, seed, digits, cfg, bar=None):
                         **cfg.options(distortion)).to(dev)
         val_y = digits.val_y.to(dev)
         val_error = lambda m: evaluate(m, val_x, val_y)  # noqa: E731
+    cfg = cfg.for_model(model_name)
     cfg = replace(cfg, localization_lr_scale=cfg.localization_lr_scale_for(distortion))
     torch.manual_seed(_seed("init", model_name, seed))
     model = build(model_name, test_x.shape[-1], cfg.st_size, classes=digits.num_classes).to(dev)
@@ -1028,6 +1039,7 @@ def _classify_job(cfg, job, bar=None):
          "kept_epoch": t.kept_epoch, "train_loss": [round(v, 5) for v in t.train_loss],
          "val_errors": [round(v, 3) for v in t.val_errors],
          "localization_lr_scale": cfg.localization_lr_scale_for(d),
+         "pose_curriculum": list(cfg.for_model(m).pose_curriculum) if d == "RTS" else [],
          "threads": torch.get_num_threads(),  # (a run's last digits can depend on them)
          "precision": cfg.compute_precision()}
     if d in ROTATING:

@@ -189,7 +189,7 @@ def test_table_has_counts_in_every_cell_paired_intervals_and_rotation():
 
 
 def test_curriculum_schedule():
-    cfg = Config(curriculum=4)
+    cfg = Config(curriculum=4, pose_curriculum=())
     assert [cfg.train_options("R", e)["max_angle"] for e in range(6)] == [22.5, 45.0, 67.5, 90.0, 90.0, 90.0]
     assert cfg.train_options("RTS", 1)["max_angle"] == FULL_ANGLE["RTS"] / 2
     assert "max_angle" not in cfg.options("R") and cfg.train_options("P", 0) == {}
@@ -203,7 +203,7 @@ def test_curriculum_schedule():
 def test_distortion_schedule_interpolates_numbers_and_ranges():
     """Knots schedule any option: a number (translate: the fraction of the room used) or a range (scale),
     element by element; the curriculum still sets the angle when the schedule does not."""
-    cfg = Config(curriculum=4, distortion_schedule={"RTS": {
+    cfg = Config(curriculum=4, pose_curriculum=(), distortion_schedule={"RTS": {
         "translate": [[0, 0], [2, 0], [6, 1]], "scale": [[0, [1.0, 1.0]], [4, [0.7, 1.2]]]}})
     opts = [cfg.train_options("RTS", e) for e in range(8)]
     assert [o["translate"] for o in opts] == [0, 0, 0, 0.25, 0.5, 0.75, 1, 1]
@@ -215,21 +215,33 @@ def test_distortion_schedule_interpolates_numbers_and_ranges():
 
 
 def test_pose_curriculum(reference, tmp_path):
-    """RTS: centred, unscaled digits rotated by up to 6 -> 90 degrees until epoch `hold`, then RTS's own
-    ranges by epoch `end`, the localisation rate x3 (RTS only); a schedule the user gives wins."""
+    """RTS, the transformer models (by default, 8 16): centred digits filling the canvas (scale 1.5),
+    rotated by up to 6 -> 90 degrees until epoch `hold`, then RTS's own ranges by epoch `end`, the
+    localisation rate x3 (RTS only); the baselines train under the rotation curriculum alone; a
+    schedule the user gives wins."""
     cfg = Config(pose_curriculum=[4, 8], localization_lr_scale=0.5)
-    assert cfg.pose_curriculum == (4, 8) and Config().pose_curriculum == ()
+    assert cfg.pose_curriculum == (4, 8) and Config().pose_curriculum == (8, 16)
     opts = [cfg.train_options("RTS", e) for e in (0, 2, 4, 6, 8, 30)]
     assert [o["translate"] for o in opts] == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0]
-    assert [o["scale"] for o in opts] == [(1.0, 1.0)] * 3 + [(0.85, 1.1), (0.7, 1.2), (0.7, 1.2)]
+    assert [o["scale"] for o in opts] == [(1.5, 1.5)] * 3 + [(1.1, 1.35), (0.7, 1.2), (0.7, 1.2)]
     assert [o["max_angle"] for o in opts] == [6.0, 48.0, 90.0, 67.5, 45.0, 45.0]
     assert cfg.options("RTS") == {} and cfg.train_options("R", 0)["max_angle"] == 90.0 / 15
     assert (cfg.localization_lr_scale_for("RTS"), cfg.localization_lr_scale_for("R")) == (1.5, 0.5)
-    assert Config().localization_lr_scale_for("RTS") == 1.0
-    ran = run(Config(distortions=("R", "RTS"), models=("ST-CNN-aff",), seeds=(0,), epochs=2, train_limit=24,
+    assert Config(pose_curriculum=()).localization_lr_scale_for("RTS") == 1.0
+    assert cfg.for_model("ST-CNN-tps") is cfg and cfg.for_model("ST-FCN-aff") is cfg
+    for baseline in ("CNN", "FCN"):
+        assert cfg.for_model(baseline).train_options("RTS", 0) == {"max_angle": 45.0 / 15}
+    # a digit at scale 1.5 spans RTS's 42 px canvas as R's digits span their 28 px
+    images, params = distort("RTS", torch.ones(2, 1, 28, 28), torch.Generator().manual_seed(0), return_params=True,
+                             **cfg.train_options("RTS", 0))
+    assert images.shape[-1] == 42 and torch.equal(params["shift"], torch.zeros(2, 2))
+    assert images[:, 0, 21, 2:-2].min() > 0.5 and images[:, 0, 2:-2, 21].min() > 0.5
+    ran = run(Config(distortions=("R", "RTS"), models=("CNN", "ST-CNN-aff"), seeds=(0,), epochs=2, train_limit=24,
                      test_limit=8, batch_size=12, progress=False, workers=1, pose_curriculum=(1, 2),
                      out=str(tmp_path / "run")), log=lambda *a: None)
-    assert [r["localization_lr_scale"] for r in ran["results"]] == [1.0, 3.0]
+    assert [(r["distortion"], r["model"], r["localization_lr_scale"], r["pose_curriculum"]) for r in ran["results"]] \
+        == [("R", "CNN", 1.0, []), ("R", "ST-CNN-aff", 1.0, []), ("RTS", "CNN", 3.0, []),
+            ("RTS", "ST-CNN-aff", 3.0, [1, 2])]
     assert list(ran["config"]["pose_curriculum"]) == [1, 2]
     own = Config(pose_curriculum=(4, 8), distortion_options={"RTS": {"scale": (0.8, 1.0), "translate": False}},
                  distortion_schedule={"RTS": {"max_angle": [[0, 45]]}})
