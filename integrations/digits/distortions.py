@@ -75,13 +75,25 @@ def rotate(digits, gen, max_angle=FULL_ANGLE["R"], object_scale=1.0):
 
 
 def rotate_translate_scale(digits, gen, max_angle=FULL_ANGLE["RTS"], scale=RTS_SCALE, canvas_factor=RTS_CANVAS,
-                           translate=True, object_scale=1.0):
+                           translate=True, object_scale=1.0, place=None, place_weight=1.0):
+    """RTS: ``digits`` rotated by up to ``max_angle`` degrees, scaled by a factor drawn from ``scale``
+    and placed on a canvas ``canvas_factor`` times the frame's side, its centre anywhere the scaled
+    frame stays inside the canvas (``translate``: the share of that room used). ``place`` (x, y), each
+    in [-1, 1], pulls the placement towards that point of the room (-1, -1: the top left), by
+    ``place_weight`` (1: there; 0: uniform, as without it; the same draws either way)."""
     n = digits.shape[0]
     canvas = int(round(FRAME * canvas_factor))
     angle = _uniform(gen, n, -max_angle, max_angle) * math.pi / 180
     s = _uniform(gen, n, *scale)
     room = (1 - s * FRAME / canvas).clamp_min(0) * float(translate)  # keep the scaled frame inside the canvas
-    shift = (2 * torch.rand(n, 2, generator=gen, dtype=torch.float64) - 1) * room[:, None]
+    where = 2 * torch.rand(n, 2, generator=gen, dtype=torch.float64) - 1
+    if place is not None:
+        target = torch.tensor(place, dtype=torch.float64)
+        if target.shape != (2,) or not bool(target.abs().le(1).all()) or not 0 <= place_weight <= 1:
+            raise ValueError(f"place: expected (x, y) in [-1, 1] and place_weight in [0, 1], got {place!r} and "
+                             f"{place_weight!r}")
+        where = where + place_weight * (target - where)
+    shift = where * room[:, None]
     out, theta = _place(digits, gen, canvas, angle, s * object_scale, shift)
     return out, {"angle": angle, "scale": s, "shift": shift, "theta": theta}
 

@@ -273,6 +273,8 @@ NONSENSE = [
     (["--task", "addition", "--workers", "-1"], "--workers: expected a number of processes >= 0"),
     (["--task", "addition", "--canvas", "10"], "--canvas: expected a side of at least 28 px, got 10"),
     (["--task", "addition", "--warmup", "-1"], "--warmup: expected a number of epochs >= 0, got -1"),
+    (["--task", "addition", "--separate", "5", "3"],
+     "--separate: expected two epochs, hold and end, 0 <= hold < end (or none), got (5, 3)"),
     (["--task", "addition", "--epochs", "0"], "--epochs: expected a positive int, got 0"),
     (["--task", "colocalisation", "--classes", "-1"], "--classes: expected digit classes (0 and up), got -1"),
     (["--task", "colocalisation", "--classes", "3", "3"], "--classes: 3 given twice"),

@@ -59,7 +59,7 @@ def test_addition_pairs_shapes_sums_and_determinism(digits):
 
 
 def test_addition_splits_are_fixed_by_seed_and_the_curriculum(digits):
-    cfg = A.AdditionConfig(seeds=(0,), curriculum=4, warmup=2)
+    cfg = A.AdditionConfig(seeds=(0,), curriculum=4, warmup=2, separate=())
     d = digits.hold_out(0.1)
     t0 = A.pairs_for("test", d, 0, cfg)
     assert torch.equal(t0[0], A.pairs_for("test", d, 0, cfg)[0])
@@ -69,6 +69,38 @@ def test_addition_splits_are_fixed_by_seed_and_the_curriculum(digits):
     assert first["max_angle"] == 0 and first["translate"] == 0 and first["scale"] == (1.0, 1.0)  # warm-up
     assert cfg.rts_options(2)["max_angle"] == pytest.approx(45 / 4) and cfg.rts_options(9)["max_angle"] == 45
     assert cfg.rts_options(9)["scale"] == pytest.approx((0.7, 1.2))
+
+
+def test_addition_separation_curriculum(digits):
+    """Until `hold` the first channel's digit at the top left of its room and the second's at the bottom
+    right, whatever the distortion curriculum's share of the room; then linearly to uniform by `end`."""
+    assert A.AdditionConfig().separate == A.SEPARATE == (10, 30)
+    cfg = A.AdditionConfig(curriculum=4, warmup=2, separate=(3, 7))
+    opts = {e: cfg.rts_options(e) for e in (0, 3, 5, 7)}
+    assert [opts[e].get("place_weight") for e in (0, 3, 5, 7)] == [1.0, 1.0, 0.5, None]
+    assert opts[0]["translate"] == 1.0 and opts[0]["place"] == (-1.0, -1.0) and opts[0]["max_angle"] == 0
+    assert "place" not in cfg.rts_options(None) and "place" not in A.AdditionConfig(separate=()).rts_options(0)
+    x, y = digits.test_x[:30], digits.test_y[:30]
+
+    def shifts(**options):
+        _, _, params = A.make_pairs(x, y, torch.Generator().manual_seed(4), **options)
+        return params["first"], params["second"]
+
+    for p, sign in zip(shifts(**opts[0]), (-1, 1)):
+        room = 1 - p["scale"] * 28 / 42
+        torch.testing.assert_close(p["shift"], sign * room[:, None].expand(-1, 2), rtol=0, atol=1e-12)
+    uniform = shifts(**{k: v for k, v in opts[5].items() if not k.startswith("place")})
+    for half, anywhere, corner in zip(shifts(**opts[5]), uniform, shifts(**{**opts[5], "place_weight": 1.0})):
+        assert not torch.equal(anywhere["shift"], corner["shift"])  # the same draws: halfway between the two
+        torch.testing.assert_close(half["shift"], (anywhere["shift"] + corner["shift"]) / 2, rtol=0, atol=1e-12)
+    for bad in ({"place": (2.0, 0.0)}, {"place": (0.0,)}, {"place": (0.0, 0.0), "place_weight": 1.5}):
+        with pytest.raises(ValueError, match="place: expected"):
+            A.make_pairs(x, y, torch.Generator().manual_seed(0), **bad)
+    for bad in ((7, 3), (3,), (-1, 2)):
+        with pytest.raises(ValueError, match="separate: expected two epochs, hold and end, 0 <= hold < end"):
+            A.AdditionConfig(separate=bad)
+    p = parser("addition")
+    assert p.parse_args(["--no-separate"]).separate == [] and p.parse_args([]).separate == [10, 30]
 
 
 @pytest.mark.parametrize("name", A.MODELS)
