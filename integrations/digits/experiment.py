@@ -1038,7 +1038,7 @@ def _classify_job(cfg, job, bar=None):
          "params": count_parameters(t.model), "train_seconds": round(t.seconds, 2),
          "kept_epoch": t.kept_epoch, "train_loss": [round(v, 5) for v in t.train_loss],
          "val_errors": [round(v, 3) for v in t.val_errors],
-         "localization_lr_scale": cfg.localization_lr_scale_for(d),
+         "localization_lr_scale": cfg.for_model(m).localization_lr_scale_for(d),
          "pose_curriculum": list(cfg.for_model(m).pose_curriculum) if d == "RTS" else [],
          "threads": torch.get_num_threads(),  # (a run's last digits can depend on them)
          "precision": cfg.compute_precision()}

@@ -240,7 +240,7 @@ def test_pose_curriculum(reference, tmp_path):
                      test_limit=8, batch_size=12, progress=False, workers=1, pose_curriculum=(1, 2),
                      out=str(tmp_path / "run")), log=lambda *a: None)
     assert [(r["distortion"], r["model"], r["localization_lr_scale"], r["pose_curriculum"]) for r in ran["results"]] \
-        == [("R", "CNN", 1.0, []), ("R", "ST-CNN-aff", 1.0, []), ("RTS", "CNN", 3.0, []),
+        == [("R", "CNN", 1.0, []), ("R", "ST-CNN-aff", 1.0, []), ("RTS", "CNN", 1.0, []),
             ("RTS", "ST-CNN-aff", 3.0, [1, 2])]
     assert list(ran["config"]["pose_curriculum"]) == [1, 2]
     own = Config(pose_curriculum=(4, 8), distortion_options={"RTS": {"scale": (0.8, 1.0), "translate": False}},
