@@ -22,7 +22,7 @@ distortion curriculum (``warmup`` epochs of undistorted pairs, then RTS growing 
 over ``curriculum`` epochs; validation and test always fully distorted). Without the two, in 60 to
 150 epochs on scikit-learn's 1,213 training digits, no model got below 75% error (chance: 90%). A
 separation curriculum (``separate``) first places the two digits in opposite corners, then anywhere:
-with it each of ST-CNN-multi's transformers takes one digit, and every model errs less (README).
+with it each of ST-CNN-multi's transformers sides with one digit, and every model errs less (README).
 
 What each transformer attends to is measured (:func:`attention_report`): for each transformer, the
 share of each channel's digit ink its window holds, and how far its window's centre lies from each
@@ -70,7 +70,7 @@ class AdditionConfig(TaskConfig):
     # training digit sits at the top left of the room it may move in and the second's at the bottom
     # right (the room of the whole canvas, whatever the distortion curriculum's share), and from `hold`
     # to `end` their placement moves linearly to RTS's own (uniform over the room), which validation and
-    # test always use. The same images for every model. It lets each transformer take one digit (README).
+    # test always use. The same images for every model. With it each transformer sides with one digit (README).
     separate: tuple = SEPARATE
     # batch normalisation in the CNN classifier: learns faster (seed 0, 60 epochs: CNN 36 to 63%, the ST
     # 32 to 65% error, by seed), but its transformers then zoom out (scale 1.1 to 1.2) and the ST-CNN is no
