@@ -38,8 +38,9 @@ from torch import nn
 import stn_triton as st
 
 from .distortions import FULL_ANGLE, distort
-from .experiment import (Session, TaskConfig, _gen, _mean_sd, _median, _print, _seed, affine_theta, check_choices,
-                         curriculum_angle, draw_figure, error_cell, evaluate, fit, paired_cell, task_data)
+from .experiment import (Session, TaskConfig, _gen, _interpolate, _mean_sd, _median, _print, _seed,
+                         add_hold_end_option, affine_theta, check_choices, check_hold_end, curriculum_angle,
+                         draw_figure, error_cell, evaluate, fit, paired_cell, task_data)
 from .models import (Baseline, STClassifier, _count, cnn, count_parameters, fcn, localization, matched_width,
                      residual_stage)
 
@@ -87,11 +88,7 @@ class AdditionConfig(TaskConfig):
         for name in ("curriculum", "warmup"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number of epochs >= 0, got {getattr(self, name)!r}")
-        self.separate = tuple(self.separate or ())
-        if self.separate and not (len(self.separate) == 2 and all(isinstance(e, int) for e in self.separate)
-                                  and 0 <= self.separate[0] < self.separate[1]):
-            raise ValueError(f"separate: expected two epochs, hold and end, 0 <= hold < end (or none), got "
-                             f"{self.separate!r}")
+        self.separate = check_hold_end("separate", self.separate)
 
     def rts_options(self, epoch=None):
         """RTS's options for each channel: the canvas, and in training epoch ``epoch`` (0-based) the
@@ -106,7 +103,7 @@ class AdditionConfig(TaskConfig):
             opts["scale"] = (1 - 0.3 * t, 1 + 0.2 * t)
         if epoch is not None and self.separate:
             hold, end = self.separate
-            weight = min(1.0, max(0.0, (end - epoch) / (end - hold)))
+            weight = _interpolate([[hold, 1.0], [end, 0.0]], epoch)
             if weight > 0:
                 opts.update(translate=1.0, place=(-1.0, -1.0), place_weight=weight)
         return opts
@@ -445,11 +442,10 @@ def arguments(p, d):
                         "--warmup); validation and test use the full distortion; 0: none")
     p.add_argument("--warmup", type=int, default=d.warmup, metavar="EPOCHS",
                    help="epochs of undistorted training pairs before the curriculum")
-    p.add_argument("--separate", nargs=2, type=int, default=list(d.separate) or None, metavar=("HOLD", "END"),
-                   help="training pairs: the first channel's digit at the top left, the second's at the bottom right "
-                        "until epoch HOLD, then placed more and more anywhere until END (default: "
-                        f"{' '.join(map(str, d.separate)) or 'none'}; validation and test: anywhere)")
-    p.add_argument("--no-separate", dest="separate", action="store_const", const=[],
-                   help="no separation curriculum: the digits placed anywhere throughout")
+    add_hold_end_option(p, "separate", d.separate,
+                        "training pairs: the first channel's digit at the top left, the second's at the bottom right "
+                        "until epoch HOLD, then placed more and more anywhere until END; validation and test: "
+                        "anywhere",
+                        "no separation curriculum: the digits placed anywhere throughout")
     p.add_argument("--batch-norm", action="store_true",
                    help="batch normalisation in the CNN classifier (learns faster; its transformers zoom out)")

@@ -36,7 +36,8 @@ from stn_triton._cli import HelpFormatter, description
 from . import addition, colocalisation, threed
 from .data import missing_idx_files
 from .distortions import DISTORTIONS
-from .experiment import DEFAULT_LR, OPTIMIZERS, POSE_LR_SCALE, PRECISIONS, Config, DataError, run
+from .experiment import (DEFAULT_LR, OPTIMIZERS, POSE_LR_SCALE, PRECISIONS, Config, DataError, add_hold_end_option,
+                         run)
 from .models import MODELS
 
 PAPER = dict(distortions=DISTORTIONS, models=MODELS, seeds=(0, 1, 2), epochs=60, batch_size=256, lr=1e-3)
@@ -51,15 +52,12 @@ def _classify_arguments(p, d):
                    help="R and RTS: the training rotation grows linearly to its full angle over the first EPOCHS "
                         "epochs (the same images for every model, but RTS's transformer models under "
                         "--pose-curriculum; validation and test use the full angle); 0: none")
-    p.add_argument("--pose-curriculum", nargs=2, type=int, default=list(d.pose_curriculum) or None,
-                   metavar=("HOLD", "END"),
-                   help="RTS, the transformer models: centred training digits filling the canvas, rotated by up "
-                        "to 6 growing to 90 degrees until epoch HOLD, then RTS's translation, scale and rotation "
-                        f"by epoch END, with the localisation networks at {POSE_LR_SCALE:g}x the rate (default: "
-                        f"{' '.join(map(str, d.pose_curriculum)) or 'none'}; the baselines train on RTS's images "
-                        "under --curriculum)")
-    p.add_argument("--no-pose-curriculum", dest="pose_curriculum", action="store_const", const=[],
-                   help="RTS: no pose curriculum (the transformer models' angle follows --curriculum, as the "
+    add_hold_end_option(p, "pose-curriculum", d.pose_curriculum,
+                        "RTS, the transformer models: centred training digits filling the canvas, rotated by up to 6 "
+                        "growing to 90 degrees until epoch HOLD, then RTS's translation, scale and rotation by epoch "
+                        f"END, with the localisation networks at {POSE_LR_SCALE:g}x the rate; the baselines train on "
+                        "RTS's images under --curriculum",
+                        "RTS: no pose curriculum (the transformer models' angle follows --curriculum, as the "
                         "baselines' does)")
     p.add_argument("--save-models", action="store_true",
                    help="write every trained model to OUT/models/DISTORTION-MODEL-seedS.pt "

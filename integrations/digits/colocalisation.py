@@ -16,8 +16,8 @@ paper's sum over m != n) and a random window of image n of the same size,
 
     max(0, ||e(crop_n) - e(crop_m)||^2 + margin - ||e(crop_n) - e(random window of n)||^2)
 
-(with ``negative_reach`` > 0, 0.5 by default, that random window lies near the crop instead of anywhere
-on the canvas, the paper's random crop).
+(with ``negative_reach`` > 0, 0.5 by default, that random window lies near the crop; with 0 anywhere on
+the canvas, the paper's random crop).
 
 The encoder (:class:`Encoder`) is a small CNN trained first as a digit classifier on the undistorted
 training digits (every class, seen through a window of the same size around the frame's centre,

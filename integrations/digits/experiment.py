@@ -196,6 +196,22 @@ def check_choices(name, given, allowed):
     return check_distinct(name, given)
 
 
+def check_hold_end(name, given):
+    """``given`` as a (hold, end) tuple of epochs, 0 <= hold < end, or () for none (else ValueError)."""
+    given = tuple(given or ())
+    if given and not (len(given) == 2 and all(isinstance(e, int) for e in given) and 0 <= given[0] < given[1]):
+        raise ValueError(f"{name}: expected two epochs, hold and end, 0 <= hold < end (or none), got {given!r}")
+    return given
+
+
+def add_hold_end_option(p, flag, default, help, off_help):
+    """``flag HOLD END`` (the default's epochs named in its help) and ``--no-<flag>`` to turn it off."""
+    shown = " ".join(map(str, default)) or "none"
+    p.add_argument(f"--{flag}", nargs=2, type=int, default=list(default) or None, metavar=("HOLD", "END"),
+                   help=f"{help} (default: {shown})")
+    p.add_argument(f"--no-{flag}", dest=flag.replace("-", "_"), action="store_const", const=[], help=off_help)
+
+
 def curriculum_angle(full, epoch, curriculum):
     """The largest training rotation of epoch ``epoch`` (0-based) under a rotation curriculum of
     ``curriculum`` epochs: ``full / curriculum`` in the first, growing linearly to ``full`` in epoch
@@ -236,12 +252,7 @@ class Config(TaskConfig):
         super().__post_init__()
         if not isinstance(self.curriculum, int) or self.curriculum < 0:
             raise ValueError(f"curriculum: expected a number of epochs >= 0, got {self.curriculum!r}")
-        self.pose_curriculum = tuple(self.pose_curriculum or ())
-        hold_end = self.pose_curriculum
-        if hold_end and not (len(hold_end) == 2 and all(isinstance(e, int) for e in hold_end)
-                             and 0 <= hold_end[0] < hold_end[1]):
-            raise ValueError(f"pose_curriculum: expected two epochs, hold and end, 0 <= hold < end (or none), "
-                             f"got {self.pose_curriculum!r}")
+        self.pose_curriculum = check_hold_end("pose_curriculum", self.pose_curriculum)
         for d, options in self.distortion_schedule.items():
             for name, knots in options.items():
                 epochs = [k[0] for k in knots] if all(len(k) == 2 for k in knots) else None
@@ -1034,12 +1045,13 @@ def _classify_job(cfg, job, bar=None):
     d, m, s = job
     digits = task_data(cfg)
     t = train_one(m, d, s, digits, cfg, bar)
+    own = cfg.for_model(m)  # the configuration this model trained under
     r = {"distortion": d, "model": m, "seed": s, "error": t.error, "val_error": t.val_error,
          "params": count_parameters(t.model), "train_seconds": round(t.seconds, 2),
          "kept_epoch": t.kept_epoch, "train_loss": [round(v, 5) for v in t.train_loss],
          "val_errors": [round(v, 3) for v in t.val_errors],
-         "localization_lr_scale": cfg.for_model(m).localization_lr_scale_for(d),
-         "pose_curriculum": list(cfg.for_model(m).pose_curriculum) if d == "RTS" else [],
+         "localization_lr_scale": own.localization_lr_scale_for(d),
+         "pose_curriculum": list(own.pose_curriculum) if d == "RTS" else [],
          "threads": torch.get_num_threads(),  # (a run's last digits can depend on them)
          "precision": cfg.compute_precision()}
     if d in ROTATING:

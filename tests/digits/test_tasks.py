@@ -101,6 +101,10 @@ def test_addition_separation_curriculum(digits):
             A.AdditionConfig(separate=bad)
     p = parser("addition")
     assert p.parse_args(["--no-separate"]).separate == [] and p.parse_args([]).separate == [10, 30]
+    classify = parser()
+    assert classify.parse_args(["--no-pose-curriculum"]).pose_curriculum == []
+    assert classify.parse_args([]).pose_curriculum == [8, 16]
+    assert "(default: 8 16)" in " ".join(classify.format_help().split())
 
 
 @pytest.mark.parametrize("name", A.MODELS)
